@@ -1,0 +1,96 @@
+"""Orbax checkpointing: `MODEL_DIR/checkpoint_<step>/` with state + metadata.
+
+Every process takes part in save and restore (orbax coordinates multi-host
+writes); the JSON metadata (input position, config) is written once.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STEP_PREFIX = "checkpoint"
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings, for sharded restore."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+      tree, shardings)
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints, saving every `period` steps.
+
+  Attributes:
+    directory: the run directory (MODEL_DIR).
+  """
+
+  def __init__(self, directory: str, *, keep: Optional[int] = 3,
+               period: int = 1000):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=period, step_prefix=STEP_PREFIX,
+        create=True, enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=("state", "meta"))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False
+           ) -> bool:
+    """Saves state and JSON metadata at `step`; returns whether it saved."""
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                meta=ocp.args.JsonSave(meta)),
+        force=force)
+    self._manager.wait_until_finished()
+    if saved:
+      logging.info("saved checkpoint %s_%d", STEP_PREFIX, step)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
+    """Restores (state, meta) at `step` into the shardings of abstract_state."""
+    out = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["meta"])
+
+  def restore_meta(self, step: int) -> dict:
+    path = os.path.join(self.directory, f"{STEP_PREFIX}_{step}", "meta",
+                        "metadata")
+    with open(path) as f:
+      return json.load(f)
+
+  def close(self):
+    self._manager.close()
+
+
+def save_params(directory: str, params: Any):
+  """Writes a params-only pytree checkpoint (used by export)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory), params, force=True)
+  ckptr.wait_until_finished()
+
+
+def restore_params(directory: str, abstract_params: Any = None) -> Any:
+  """Reads a params-only checkpoint, into `abstract_params` shardings if given."""
+  ckptr = ocp.StandardCheckpointer()
+  if abstract_params is None:
+    return ckptr.restore(os.path.abspath(directory))
+  return ckptr.restore(os.path.abspath(directory), abstract_params)

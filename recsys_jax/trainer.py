@@ -1,0 +1,311 @@
+"""The training loop: sharded state, a pure jitted train step, checkpoints.
+
+The trainer knows nothing about a model's loss: it calls the wrapper's
+`get_initial_variables` and `loss_fn(params, batch, rng) -> (loss, aux)`, where
+aux holds sums (`loss_sum`, `weight_sum`, `correct_sum`) it can average.
+"""
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from recsys_jax import checkpoints
+from recsys_jax import partitioning
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the run stops without checkpointing it."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warm-up then linear or cosine decay, and clipping."""
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  decay: str = "linear"          # "linear" | "cosine" | "constant"
+  end_learning_rate_factor: float = 0.0
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: Optional[float] = 1.0
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int):
+  """Returns (optax transformation, learning-rate schedule)."""
+  warmup = max(0, min(cfg.warmup_steps, total_steps))
+  decay_steps = max(1, total_steps - warmup)
+  end = cfg.learning_rate * cfg.end_learning_rate_factor
+  if cfg.decay == "linear":
+    decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+  elif cfg.decay == "cosine":
+    decay = optax.cosine_decay_schedule(
+        cfg.learning_rate, decay_steps, alpha=cfg.end_learning_rate_factor)
+  elif cfg.decay == "constant":
+    decay = optax.constant_schedule(cfg.learning_rate)
+  else:
+    raise ValueError(f"OptimizerConfig.decay={cfg.decay!r}: expected "
+                     "'linear', 'cosine' or 'constant'")
+  if warmup:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay],
+        [warmup])
+  else:
+    schedule = decay
+
+  # No weight decay on biases, layer-norm scales and other vectors.
+  def decay_mask(params):
+    return jax.tree.map(lambda p: np.ndim(p) > 1, params)
+
+  chain = []
+  if cfg.clip_norm:
+    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*chain), schedule
+
+
+def init_state(model, tx, rng, mesh, rules, init_batch_size: int = 2):
+  """Builds the sharded TrainState: eval_shape -> shardings -> jit(init).
+
+  Returns:
+    (state with plain arrays, state shardings, abstract state for restore).
+  """
+  def init_fn(rng):
+    variables = model.get_initial_variables(rng, init_batch_size)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  with partitioning.with_rules(rules):
+    abstract_boxed = jax.eval_shape(init_fn, rng)
+    shardings = partitioning.abstract_shardings(abstract_boxed, mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)),
+                    out_shardings=shardings)(rng)
+  abstract = checkpoints.abstract_with_shardings(
+      nn.meta.unbox(abstract_boxed), shardings)
+  return state, shardings, abstract
+
+
+def make_train_step(model, tx, schedule) -> Callable:
+  """The pure step `(state, batch, rng) -> (state, metrics)`."""
+
+  def train_step(state: TrainState, batch, rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "loss_sum": aux["loss_sum"],
+        "weight_sum": aux["weight_sum"],
+        "correct_sum": aux["correct_sum"],
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+  batch_sh = partitioning.batch_sharding(mesh)
+  rep = partitioning.replicated(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, batch_sh, rep),
+                 out_shardings=(state_shardings, rep),
+                 donate_argnums=0)
+
+
+class _MetricWindow:
+  """Accumulates step metrics between two log points."""
+
+  def __init__(self):
+    self.sums: Dict[str, float] = {}
+    self.last: Dict[str, float] = {}
+    self.steps = 0
+
+  def add(self, m: Dict[str, Any]):
+    m = jax.device_get(m)
+    for k in ("loss_sum", "weight_sum", "correct_sum"):
+      self.sums[k] = self.sums.get(k, 0.0) + float(m[k])
+    self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + float(
+        m["grad_norm"])
+    self.last = {k: float(v) for k, v in m.items()}
+    self.steps += 1
+
+  def summary(self) -> Dict[str, float]:
+    w = max(self.sums.get("weight_sum", 0.0), 1.0)
+    return {"loss": self.sums["loss_sum"] / w,
+            "masked_accuracy": self.sums["correct_sum"] / w,
+            "grad_norm": self.sums["grad_norm"] / max(self.steps, 1),
+            "learning_rate": self.last["learning_rate"]}
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+@dataclasses.dataclass
+class TrainLoopConfig:
+  train_steps: int
+  batch_size: int
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: Optional[int] = 3
+  eval_every: Optional[int] = None
+  seed: int = 0
+
+
+def train_loop(
+    model,
+    optimizer: OptimizerConfig,
+    batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
+    cfg: TrainLoopConfig,
+    *,
+    model_dir: str,
+    mesh,
+    rules,
+    writer=None,
+    eval_fn: Optional[Callable[[Any, int], Dict[str, float]]] = None,
+    meta: Optional[dict] = None,
+) -> TrainState:
+  """Trains to `cfg.train_steps`, resuming from the latest checkpoint.
+
+  Args:
+    model: wrapper with get_initial_variables / loss_fn.
+    optimizer: optimizer config.
+    batches: `batches(start_step)` yields this process's host-local numpy
+      batches for steps start_step, start_step + 1, ... (deterministic, so a
+      resumed run sees exactly the batches an uninterrupted one would).
+    cfg: loop settings.
+    model_dir: run directory (checkpoints, TensorBoard).
+    mesh: device mesh; rules: logical axis rules.
+    writer: clu-style metric writer (write_scalars(step, dict)) or None.
+    eval_fn: `eval_fn(params, step) -> metrics`, run every cfg.eval_every.
+    meta: extra JSON stored with each checkpoint.
+
+  Returns:
+    The final TrainState.
+  """
+  tx, schedule = make_optimizer(optimizer, cfg.train_steps)
+  rng = jax.random.PRNGKey(cfg.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state, shardings, abstract = init_state(model, tx, init_rng, mesh, rules)
+  ckpt = checkpoints.Checkpointer(model_dir, keep=cfg.keep_checkpoints,
+                                  period=cfg.checkpoint_every)
+  start = ckpt.latest_step()
+  if start is not None:
+    logging.info("resuming from %s/checkpoint_%d", model_dir, start)
+    print(f"Resuming from checkpoint_{start} in {model_dir}", flush=True)
+    state, saved_meta = ckpt.restore(start, abstract)
+    if saved_meta.get("input_position", start) != start:
+      raise RuntimeError(
+          f"checkpoint_{start} records input position "
+          f"{saved_meta['input_position']}, expected {start}")
+  start = int(start or 0)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  print(f"Parameters: {n_params:,}; devices: {jax.device_count()} "
+        f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
+        flush=True)
+
+  step_fn = jit_train_step(make_train_step(model, tx, schedule), shardings,
+                           mesh)
+  local_bs = partitioning.local_batch_size(cfg.batch_size)
+
+  preempted = {"flag": False}
+
+  def on_sigterm(signum, frame):  # pylint: disable=unused-argument
+    preempted["flag"] = True
+  old_handler = None
+  try:
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+  except ValueError:  # not the main thread
+    pass
+
+  def save(step: int, force: bool = False):
+    payload = {"input_position": step, "step": step, **(meta or {})}
+    ckpt.save(step, state, payload, force=force)
+
+  window = _MetricWindow()
+  it = batches(start)
+  t_last, step_last = time.time(), start
+  t_start = time.time()
+  step = start
+  try:
+    while step < cfg.train_steps:
+      local = next(it)
+      rows = len(next(iter(local.values())))
+      if rows != local_bs:
+        raise ValueError(f"input pipeline gave {rows} rows; expected the "
+                         f"per-process batch {local_bs}")
+      batch = partitioning.host_to_global(local, mesh)
+      with partitioning.with_rules(rules):
+        state, metrics = step_fn(state, batch, step_rng)
+      step += 1
+      window.add(metrics)
+      if not math.isfinite(window.last["loss"]):
+        raise NonFiniteLossError(
+            f"loss is {window.last['loss']} at step {step}; stopping. The last"
+            f" good checkpoint stays in {model_dir} (step "
+            f"{ckpt.latest_step()}). Lower the learning rate or check the "
+            "input.")
+      last = step == cfg.train_steps
+      if step % cfg.log_every == 0 or last:
+        now = time.time()
+        dt = max(now - t_last, 1e-9)
+        s = window.summary()
+        steps_per_s = (step - step_last) / dt
+        s["steps_per_sec"] = steps_per_s
+        s["sequences_per_sec"] = steps_per_s * cfg.batch_size
+        eta = (cfg.train_steps - step) / max(steps_per_s, 1e-9)
+        if jax.process_index() == 0:
+          print(f"step {step}/{cfg.train_steps} | loss {s['loss']:.4f} | "
+                f"masked acc {s['masked_accuracy']:.4f} | grad norm "
+                f"{s['grad_norm']:.3f} | lr {s['learning_rate']:.2e} | "
+                f"{steps_per_s:.2f} steps/s | "
+                f"{s['sequences_per_sec']:.0f} seq/s | ETA {_fmt_eta(eta)}",
+                flush=True)
+        if writer is not None:
+          writer.write_scalars(step, {f"train/{k}": v for k, v in s.items()})
+        window = _MetricWindow()
+        t_last, step_last = time.time(), step
+      if eval_fn is not None and cfg.eval_every and (
+          step % cfg.eval_every == 0 or last):
+        eval_fn(state.params, step)
+      if ckpt.should_save(step) or last or preempted["flag"]:
+        save(step, force=last or preempted["flag"])
+      if preempted["flag"]:
+        print(f"SIGTERM: saved checkpoint_{step}; exiting.", flush=True)
+        break
+  finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+    ckpt.close()
+  if jax.process_index() == 0 and step > start:
+    print(f"Trained steps {start}..{step} in {time.time() - t_start:.1f}s",
+          flush=True)
+  return state
