@@ -19,8 +19,8 @@ Options:
                         prepare the synthetic default into data/synthetic
                         (skipped when data/synthetic/stats.json exists), train
                         with gin/quickstart.gin into runs/quickstart, evaluate,
-                        and export to runs/quickstart/export. ARGS go to train,
-                        eval and export.
+                        and export (to runs/quickstart/export). ARGS (gin
+                        overrides) go to train, eval and export alike.
   --python=PY         Python interpreter. Default: the project virtualenv
                         (`source scripts/env.sh`, created on first use).
   --devices=N         Emulate N CPU devices (JAX_PLATFORMS=cpu and
@@ -194,8 +194,8 @@ case "$mode" in
     fi
     run_entry train "${gin[@]}" "${extra[@]+"${extra[@]}"}"
     run_entry eval "${gin[@]}" "${extra[@]+"${extra[@]}"}"
-    run_entry export "${gin[@]}" --output_dir=runs/quickstart/export \
-      "${extra[@]+"${extra[@]}"}"
+    # Writes runs/quickstart/export (gin EXPORT_DIR defaults to MODEL_DIR/export).
+    run_entry export "${gin[@]}" "${extra[@]+"${extra[@]}"}"
     ;;
   *)
     if [[ -n "$num_processes" ]]; then

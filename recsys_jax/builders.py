@@ -9,19 +9,15 @@ from typing import Optional
 
 import numpy as np
 
+from recsys_jax import input_pipeline
 from recsys_jax import model_lib
 from recsys_jax.data import prepared
 from recsys_jax.models import bert4rec as bert4rec_lib
 
 
 def train_item_log_popularity(data_dir: str) -> np.ndarray:
-  """log p(item) over training interactions (all but each user's last two)."""
-  ds = prepared.PreparedDataset(data_dir)
-  counts = np.zeros(ds.num_items + 1, np.float64)
-  for user in ds.iter_sequences():
-    ids = user[prepared.ITEM_IDS][:-2]
-    np.add.at(counts, ids, 1.0)
-  counts = counts[1:] + 1.0  # add-one so no item has zero probability
+  """log p(item) over training interactions, add-one smoothed."""
+  counts = input_pipeline.train_item_counts(data_dir).astype(np.float64) + 1.0
   return np.log(counts / counts.sum()).astype(np.float32)
 
 

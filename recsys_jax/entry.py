@@ -5,6 +5,7 @@ import sys
 from typing import Callable
 
 from absl import flags
+from absl import logging
 import gin
 
 from recsys_jax import distributed
@@ -42,6 +43,9 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
     if len(argv) > 1:
       raise ValueError(f"unexpected arguments {argv[1:]}; gin values go as "
                        "--gin.NAME=VALUE")
+    if not any(a.startswith(("-v", "--verbosity")) for a in sys.argv[1:]):
+      # orbax/absl INFO lines drown the progress lines; -v 0 brings them back.
+      logging.set_verbosity(logging.WARNING)
     hide_gpus_from_tensorflow()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, FLAGS.multihost, FLAGS.platform)

@@ -14,7 +14,8 @@ docs/EVALUATION.md.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,8 @@ class RankingMetrics:
     """
     if jax.process_count() == 1:
       return self
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
     bits = self.to_numpy().view(np.uint32)
     gathered = np.asarray(multihost_utils.process_allgather(bits))
     return RankingMetrics.from_numpy(
@@ -172,8 +174,9 @@ class RankingMetrics:
     Means are NaN when nothing was added.
     """
     out: Dict[str, Any] = {}
-    for name, s in zip(self.names, self.sums):
-      out[name] = float(s / self.weight_sum) if self.weight_sum else float("nan")
+    for name, total in zip(self.names, self.sums):
+      out[name] = (float(total / self.weight_sum) if self.weight_sum else
+                   float("nan"))
     out["num_users"] = self.num_users
     out["protocol"] = self.protocol
     return out

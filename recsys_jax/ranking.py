@@ -96,7 +96,7 @@ def candidate_rank(target_scores: jax.Array,
   neg_inf = jnp.array(-jnp.inf, negative_scores.dtype)
   t = jnp.where(jnp.isnan(target_scores), neg_inf, target_scores)
   neg = jnp.where(jnp.isnan(negative_scores), neg_inf, negative_scores)
-  return jnp.sum(neg > t[:, None], axis=1, dtype=jnp.int32)
+  return jnp.sum(neg >= t[:, None], axis=1, dtype=jnp.int32)
 
 
 def sampled_target_rank(scores: jax.Array, target_ids: jax.Array,

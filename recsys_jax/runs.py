@@ -14,6 +14,7 @@ import numpy as np
 
 from recsys_jax import checkpoints
 from recsys_jax import evaluation as evaluation_lib
+from recsys_jax import metric_writer
 from recsys_jax import partitioning
 from recsys_jax import trainer
 
@@ -21,10 +22,8 @@ EXPORT_SUBDIR = "export"
 EXPORT_MANIFEST = "export.json"
 
 
-def _metric_writer(model_dir: str):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(
-      model_dir, just_logging=jax.process_index() > 0, asynchronous=False)
+def _metric_writer(model_dir: str) -> metric_writer.MetricWriter:
+  return metric_writer.MetricWriter(model_dir)
 
 
 def _run_evaluation(model, params, data, mesh, rules, cfg: evaluation_lib.EvalConfig

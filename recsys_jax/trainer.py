@@ -296,7 +296,7 @@ def train_loop(
       if eval_fn is not None and cfg.eval_every and (
           step % cfg.eval_every == 0 or last):
         eval_fn(state.params, step)
-      if ckpt.should_save(step) or last or preempted["flag"]:
+      if step % cfg.checkpoint_every == 0 or last or preempted["flag"]:
         save(step, force=last or preempted["flag"])
       if preempted["flag"]:
         print(f"SIGTERM: saved checkpoint_{step}; exiting.", flush=True)

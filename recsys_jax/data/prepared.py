@@ -383,12 +383,11 @@ class PreparedDataset:
     """Yields each user's parsed features as numpy (for tools and tests)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     spec = self.feature_spec()
-    ds = tf.data.TFRecordDataset(self.sequence_files)
-    for rec in ds.as_numpy_iterator():
+
+    def parse(rec):
       parsed = tf.io.parse_single_example(rec, spec)
-      out = {}
-      for k, v in parsed.items():
-        if isinstance(v, tf.SparseTensor):
-          v = tf.sparse.to_dense(v)
-        out[k] = v.numpy()
-      yield out
+      return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
+              for k, v in parsed.items()}
+    ds = tf.data.TFRecordDataset(self.sequence_files).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    yield from ds.as_numpy_iterator()

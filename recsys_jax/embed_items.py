@@ -1,0 +1,315 @@
+"""Encodes every item's text once and stores it as a memory-mappable cache.
+
+  python -m recsys_jax.embed_items --data_dir=PREPARED --encoder=bert \\
+      --checkpoint=HF_OR_ORBAX_DIR --vocab=VOCAB --output_dir=CACHE \\
+      --max_text_len=32 --batch_size=64
+
+Item i (vocabulary index i + 1) is rendered with `data.prepared.item_text`,
+tokenised (`text_vocab.encode_batch`), encoded with a jitted encoder whose
+batch is split over a ('data', 'model') mesh of all local devices, and
+written chunk by chunk into `item_text_cache` arrays. Rerunning the same
+command resumes after a kill; a different encoder, checkpoint, vocabulary,
+item texts or layout is refused (see `item_text_cache.IDENTITY_KEYS`).
+
+--checkpoint is an HF directory (config.json + model.safetensors /
+pytorch_model.bin) or an orbax directory from
+`checkpoint_import.{bert,t5}.save_as_orbax` (params/ + bert_config.json or
+t5_config.json).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys_jax import item_text_cache
+from recsys_jax import partitioning
+from recsys_jax import text_vocab
+from recsys_jax.data import prepared
+
+ENCODERS = ("bert", "t5")
+POOLINGS = ("mean", "mean_l2")
+
+
+@dataclasses.dataclass
+class TextEncoder:
+  """A loaded encoder: `apply(params, ids, mask) -> [B, L, d_model]`.
+
+  Attributes:
+    name: 'bert' or 't5'.
+    config: the architecture as a JSON-able dict (part of the fingerprint).
+    params: parameter tree (host arrays).
+    apply: pure function for jit.
+    d_model: width of the hidden states.
+    default_pooling: 'mean_l2' for BERT (sentence-transformers), 'mean' for T5.
+  """
+  name: str
+  config: Dict[str, Any]
+  params: Any
+  apply: Callable[..., jax.Array]
+  d_model: int
+  default_pooling: str
+
+
+def _bert_encoder(checkpoint: str) -> TextEncoder:
+  from recsys_jax.checkpoint_import import bert as bert_import  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import bert  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(checkpoint, bert_import.ORBAX_CONFIG_FILE)):
+    config, params = bert_import.load_orbax(checkpoint)
+  else:
+    config, params = bert_import.load_hf_bert(checkpoint)
+  model = bert.BertEncoder(config)
+
+  def apply(p, ids, mask):
+    return model.apply({"params": p}, ids, mask)
+  return TextEncoder("bert", dataclasses.asdict(config), params, apply,
+                     config.hidden_size, "mean_l2")
+
+
+def _t5_encoder(checkpoint: str) -> TextEncoder:
+  """T5 through the teammate's model/importer, imported only when asked."""
+  from recsys_jax.checkpoint_import import t5 as t5_import  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import t5  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(checkpoint, t5_import.CONFIG_FILE)):
+    config, params = t5_import.load_orbax(checkpoint, encoder_only=True)
+  else:
+    config, params = t5_import.load_hf_t5(checkpoint, encoder_only=True)
+  model = t5.T5Encoder(config)
+
+  def apply(p, ids, mask):
+    return model.apply({"params": p}, ids, mask)
+  return TextEncoder("t5", config.to_dict(), params, apply, config.d_model,
+                     "mean")
+
+
+def load_encoder(encoder: str, checkpoint: str) -> TextEncoder:
+  """Loads `encoder` ('bert' or 't5') weights from `checkpoint`."""
+  if encoder not in ENCODERS:
+    raise ValueError(f"--encoder={encoder!r}; expected one of {ENCODERS}")
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: not a directory")
+  return _bert_encoder(checkpoint) if encoder == "bert" else _t5_encoder(
+      checkpoint)
+
+
+def params_fingerprint(config: Mapping[str, Any], params: Any) -> str:
+  """sha256 over the config and every parameter's path, dtype, shape, bytes.
+
+  Independent of the file format, so an HF directory and its orbax export
+  with equal weights share a fingerprint.
+  """
+  h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def item_texts(data_dir: str) -> list:
+  """Rendered text of every item, row i = vocabulary index i + 1."""
+  rows = prepared.read_items(data_dir)
+  for i, row in enumerate(rows):
+    if row.get("index") != i + 1:
+      raise ValueError(
+          f"{os.path.join(data_dir, prepared.ITEMS_FILE)}:{i + 1}: index "
+          f"{row.get('index')!r}, expected {i + 1} (rows in vocabulary order)")
+  return [prepared.item_text(row) for row in rows]
+
+
+def _texts_sha256(texts: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for t in texts:
+    h.update(t.encode("utf-8"))
+    h.update(b"\0")
+  return h.hexdigest()
+
+
+def make_encode_fn(encoder: TextEncoder, pooling: str, mesh: jax.sharding.Mesh,
+                   out_dtype: str):
+  """Jitted `(params, ids, mask) -> (hidden, pooled)` sharded over 'data'."""
+  batch = partitioning.batch_sharding(mesh)
+  repl = partitioning.replicated(mesh)
+  dtype = jnp.dtype(out_dtype)
+
+  def encode(params, ids, mask):
+    hidden = encoder.apply(params, ids, mask).astype(jnp.float32)
+    m = mask.astype(jnp.float32)[..., None]
+    pooled = jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1),
+                                                       1e-9)
+    if pooling == "mean_l2":
+      norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
+      pooled = pooled / jnp.maximum(norm, 1e-12)
+    return hidden.astype(dtype), pooled.astype(dtype)
+
+  return jax.jit(encode, in_shardings=(repl, batch, batch),
+                 out_shardings=(batch, batch))
+
+
+def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
+                output_dir: str, *, max_text_len: int = 32,
+                batch_size: int = 64, chunk_size: int = 4096,
+                dtype: str = "float16", pooling: Optional[str] = None,
+                store_tokens: bool = True, overwrite: bool = False,
+                devices: Optional[Sequence[jax.Device]] = None,
+                stop_after_chunks: Optional[int] = None,
+                log: Callable[[str], None] = print) -> dict:
+  """Builds (or resumes) the item-text cache; returns its manifest.
+
+  Args:
+    data_dir: a prepared dataset (items.jsonl).
+    encoder: 'bert' or 't5'.
+    checkpoint: HF or orbax directory of that encoder.
+    vocab: vocab.txt / SentencePiece .model (or a directory holding one).
+    output_dir: the cache directory.
+    max_text_len: tokens per item, special tokens included.
+    batch_size: items per jitted call (rounded up to a multiple of the
+      device count).
+    chunk_size: items per completion mark (the unit of resumption).
+    dtype: 'float16' or 'float32' for the stored encodings.
+    pooling: 'mean' or 'mean_l2'; default per encoder.
+    store_tokens: also store token-level encodings (else pooled only).
+    overwrite: discard an existing cache at output_dir.
+    devices: devices for the 'data' mesh axis (default all local devices).
+    stop_after_chunks: stop after this many chunks (tests: simulated kill).
+    log: where progress lines go.
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        "embed_items runs on one host (all its devices); got "
+        f"{jax.process_count()} processes")
+  enc = load_encoder(encoder, checkpoint)
+  voc = text_vocab.load_text_vocab(vocab)
+  pooling = pooling or enc.default_pooling
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling={pooling!r}; expected one of {POOLINGS}")
+  texts = item_texts(data_dir)
+  devices = list(devices if devices is not None else jax.local_devices())
+  n_dev = len(devices)
+  batch_size = -(-batch_size // n_dev) * n_dev
+
+  spec = {
+      "encoder": enc.name,
+      "checkpoint_fingerprint": params_fingerprint(enc.config, enc.params),
+      "vocab": text_vocab.vocab_fingerprint(voc),
+      "texts_sha256": _texts_sha256(texts),
+      "num_items": len(texts),
+      "max_text_len": max_text_len,
+      "d_model": enc.d_model,
+      "dtype": dtype,
+      "pooling": pooling,
+      "store_tokens": store_tokens,
+      "chunk_size": chunk_size,
+      # Informational only (not compared on resume).
+      "checkpoint_path": os.path.abspath(checkpoint),
+      "vocab_path": os.path.abspath(text_vocab.resolve_vocab_path(vocab)),
+      "data_dir": os.path.abspath(data_dir),
+      "encoder_config": enc.config,
+  }
+  writer = item_text_cache.CacheWriter(output_dir, spec, overwrite=overwrite)
+  pending = writer.pending_chunks()
+  if not pending:
+    log(f"embed_items: {output_dir} already complete ({len(texts)} items)")
+    return writer.manifest
+
+  mesh = partitioning.make_mesh(1, devices)
+  params = jax.device_put(enc.params, partitioning.replicated(mesh))
+  encode = make_encode_fn(enc, pooling, mesh, dtype)
+  batch_sharding = partitioning.batch_sharding(mesh)
+
+  def tokenize(chunk):
+    start, stop = writer.chunk_rows(chunk)
+    return text_vocab.encode_batch(voc, texts[start:stop], max_text_len)
+
+  log(f"embed_items: {len(texts)} items, {len(pending)}/{writer.num_chunks} "
+      f"chunks to encode, {n_dev} device(s), batch {batch_size}")
+  start_time, done_items = time.time(), 0
+  next_inputs = tokenize(pending[0])
+  for k, chunk in enumerate(pending):
+    if stop_after_chunks is not None and k >= stop_after_chunks:
+      log(f"embed_items: stopping after {k} chunks as asked")
+      return writer.manifest
+    ids, mask = next_inputs
+    n = len(ids)
+    outs = []
+    for b in range(0, n, batch_size):
+      bi = np.full((batch_size, max_text_len), voc.pad_id, np.int32)
+      bm = np.zeros((batch_size, max_text_len), bool)
+      rows = min(batch_size, n - b)
+      bi[:rows], bm[:rows] = ids[b:b + rows], mask[b:b + rows]
+      # Dispatch is asynchronous: the device works on this chunk while the
+      # host tokenises the next one below.
+      outs.append((rows, encode(params, jax.device_put(bi, batch_sharding),
+                                jax.device_put(bm, batch_sharding))))
+    if k + 1 < len(pending):
+      next_inputs = tokenize(pending[k + 1])
+    hidden = np.concatenate([np.asarray(h)[:r] for r, (h, _) in outs])
+    pooled = np.concatenate([np.asarray(p)[:r] for r, (_, p) in outs])
+    if dtype == "float16" and not (np.isfinite(hidden).all()
+                                   and np.isfinite(pooled).all()):
+      raise ValueError(f"chunk {chunk}: encodings overflow float16; rerun "
+                       "with --dtype=float32 (and --overwrite)")
+    arrays = {item_text_cache.MASK: mask, item_text_cache.TOKEN_IDS: ids,
+              item_text_cache.POOLED: pooled}
+    if store_tokens:
+      arrays[item_text_cache.TOKENS] = hidden
+    writer.write_chunk(chunk, arrays)
+    done_items += n
+    rate = done_items / max(time.time() - start_time, 1e-9)
+    log(f"embed_items: chunk {chunk + 1}/{writer.num_chunks} done, "
+        f"{done_items} items this run, {rate:.1f} items/s")
+  return writer.manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", required=True,
+                      help="prepared dataset directory (items.jsonl)")
+  parser.add_argument("--encoder", required=True, choices=ENCODERS)
+  parser.add_argument("--checkpoint", required=True,
+                      help="HF directory or orbax export of the encoder")
+  parser.add_argument("--vocab", required=True,
+                      help="vocab.txt (WordPiece) or SentencePiece .model")
+  parser.add_argument("--output_dir", required=True, help="cache directory")
+  parser.add_argument("--max_text_len", type=int, default=32)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--chunk_size", type=int, default=4096)
+  parser.add_argument("--dtype", default="float16",
+                      choices=("float16", "float32"))
+  parser.add_argument("--pooling", default=None, choices=POOLINGS,
+                      help="default: mean_l2 for bert, mean for t5")
+  parser.add_argument("--no_tokens", action="store_true",
+                      help="store pooled encodings only (not [N, L, d])")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="discard an existing cache in --output_dir")
+  args = parser.parse_args(argv)
+  try:
+    manifest = build_cache(
+        args.data_dir, args.encoder, args.checkpoint, args.vocab,
+        args.output_dir, max_text_len=args.max_text_len,
+        batch_size=args.batch_size, chunk_size=args.chunk_size,
+        dtype=args.dtype, pooling=args.pooling,
+        store_tokens=not args.no_tokens, overwrite=args.overwrite)
+  except (item_text_cache.CacheMismatchError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  per_item = item_text_cache.bytes_per_item(
+      manifest["max_text_len"], manifest["d_model"], manifest["dtype"],
+      manifest["store_tokens"])
+  print(f"embed_items: wrote {args.output_dir} ({manifest['num_items']} "
+        f"items, {per_item} bytes/item)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,89 @@
+"""A run's view of its data: registered SeqIO task -> host-local numpy batches.
+
+Each process reads only its shard of every split
+(`seqio.ShardInfo(jax.process_index(), jax.process_count())`) and yields its
+rows of each global batch; the trainer assembles global arrays.
+"""
+
+import functools
+from typing import Dict, Iterator, Optional
+
+import jax
+import numpy as np
+import seqio
+
+from recsys_jax.data import prepared
+from recsys_jax.seqio_ext import feature_converters
+from tasks import sequence_tasks
+
+TRAIN_FEATURES = ("item_ids", "targets", "loss_weights")
+PACKED_EXTRA = ("segment_ids", "positions")
+EVAL_FEATURES = ("item_ids", "targets")
+
+
+class SequenceData:
+  """Registers the task for a prepared dataset and serves its batches."""
+
+  def __init__(self, name: str, data_dir: str, *, max_len: int = 50,
+               mask_prob: float = 0.2, max_predictions: Optional[int] = None,
+               last_item_mask_prob: float = 0.1,
+               sliding_window_stride: Optional[int] = None,
+               packing: bool = False, seed: int = 0):
+    self.name, self.data_dir, self.max_len = name, data_dir, max_len
+    self.packing, self.seed = packing, seed
+    sequence_tasks.register_sequence_tasks(
+        name, data_dir, max_len=max_len, mask_prob=mask_prob,
+        max_predictions=max_predictions,
+        last_item_mask_prob=last_item_mask_prob,
+        sliding_window_stride=sliding_window_stride, seed=seed,
+        packing=packing)
+
+  @property
+  def dataset(self) -> prepared.PreparedDataset:
+    return prepared.PreparedDataset(self.data_dir)
+
+  @property
+  def num_items(self) -> int:
+    return self.dataset.num_items
+
+  @staticmethod
+  def shard_info() -> Optional[seqio.ShardInfo]:
+    if jax.process_count() == 1:
+      return None
+    return seqio.ShardInfo(index=jax.process_index(),
+                           num_shards=jax.process_count())
+
+  def train_batches(self, start_step: int, local_batch_size: int
+                    ) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's train batches for steps start_step, start_step+1, ..."""
+    features = TRAIN_FEATURES + (PACKED_EXTRA if self.packing else ())
+    return feature_converters.train_batches(
+        self.name, local_batch_size, seed=self.seed,
+        shard_info=self.shard_info(), start_step=start_step,
+        features=list(features))
+
+  def eval_batches(self, split: str, global_batch_size: int
+                   ) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's rows of every eval batch (padded, with `valid`)."""
+    local = global_batch_size // jax.process_count()
+    if local * jax.process_count() != global_batch_size:
+      raise ValueError(f"eval batch_size={global_batch_size} must be divisible"
+                       f" by the number of processes ({jax.process_count()})")
+    return feature_converters.eval_batches(
+        self.name, split, local, shard_info=self.shard_info(),
+        features=list(EVAL_FEATURES))
+
+  def train_item_counts(self) -> np.ndarray:
+    """[N] interaction counts in the train split (all but the last two)."""
+    return train_item_counts(self.data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def train_item_counts(data_dir: str) -> np.ndarray:
+  """[N] interaction counts of the leave-one-out train split of a dataset."""
+  ds = prepared.PreparedDataset(data_dir)
+  counts = np.zeros(ds.num_items + 1, np.int64)
+  for user in ds.iter_sequences():
+    ids = np.asarray(user[prepared.ITEM_IDS][:-2], np.int64)
+    counts += np.bincount(ids, minlength=ds.num_items + 1)
+  return counts[1:]

@@ -1,0 +1,170 @@
+"""Losses for next-item prediction and embedding alignment (pure JAX, no Flax).
+
+Losses return sums (`sum_loss`, `sum_weights`) so callers can average over
+any number of devices and steps; log-softmax always runs in float32.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Fill for excluded candidates: finite so a fully excluded row stays NaN-free.
+_EXCLUDED = -1e9
+
+
+def masked_softmax_cross_entropy(
+    logits: Array, targets: Array, weights: Array, *, z_loss: float = 0.0
+) -> Tuple[Array, Array]:
+  """Weighted softmax cross-entropy over the last axis.
+
+  Args:
+    logits: `[..., V]` (any float dtype; cast to float32).
+    targets: `[...]` int class ids in [0, V).
+    weights: `[...]` per-example weights (0 = no loss).
+    z_loss: coefficient of `logsumexp(logits)**2` (PaLM-style) added per
+      example, keeping the normaliser near 0.
+
+  Returns:
+    (sum of weighted losses, sum of weights), float32 scalars.
+  """
+  logits = logits.astype(jnp.float32)
+  if logits.shape[:-1] != targets.shape or targets.shape != weights.shape:
+    raise ValueError(f"logits {logits.shape}, targets {targets.shape} and "
+                     f"weights {weights.shape} do not line up")
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  # One-hot product instead of a gather keeps a vocab-sharded `logits`
+  # sharded (a local multiply + all-reduce of [..] scalars).
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  target_logit = jnp.sum(logits * onehot, axis=-1)
+  loss = lse - target_logit
+  if z_loss:
+    loss = loss + z_loss * jnp.square(lse)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def sample_negatives(rng: Array, num_negatives: int, num_items: int,
+                     log_probs: Optional[Array] = None) -> Tuple[Array, Array]:
+  """Draws negative item ids in 1..N with replacement.
+
+  Args:
+    rng: PRNG key.
+    num_negatives: K.
+    num_items: N.
+    log_probs: optional `[N]` log-probabilities of items 1..N (e.g. log
+      popularity); uniform if None.
+
+  Returns:
+    (ids `[K]` int32 in 1..N, log q `[K]` float32: each draw's log-probability).
+  """
+  if log_probs is None:
+    ids = jax.random.randint(rng, (num_negatives,), 1, num_items + 1,
+                             dtype=jnp.int32)
+    return ids, jnp.full((num_negatives,), -math.log(num_items), jnp.float32)
+  log_probs = jnp.asarray(log_probs, jnp.float32)
+  if log_probs.shape != (num_items,):
+    raise ValueError(f"log_probs has shape {log_probs.shape}; expected "
+                     f"({num_items},) for items 1..{num_items}")
+  log_probs = jax.nn.log_softmax(log_probs)  # tolerate unnormalised input
+  idx = jax.random.categorical(rng, log_probs, shape=(num_negatives,))
+  return (idx + 1).astype(jnp.int32), log_probs[idx]
+
+
+def sampled_softmax_logits(
+    query: Array, target_ids: Array, item_table: Array, bias: Array,
+    negatives: Array, *, negative_log_q: Optional[Array] = None,
+    target_log_q: Optional[Array] = None,
+    negative_mask: Optional[Array] = None,
+    remove_accidental_hits: bool = True) -> Array:
+  """Candidate logits `[M, 1 + K]`: column 0 the target, then K negatives.
+
+  Each logit is `query . item + bias - log q(item)` (the logQ correction of
+  Bengio & Senecal / Yi et al. 2019), applied to the target and negatives
+  alike when given. A negative equal to the row's target (accidental hit)
+  or with `negative_mask` False gets -1e9.
+
+  Args:
+    query: `[M, E]`.
+    target_ids: `[M]` ids into `item_table`.
+    item_table: `[V, E]` (may be vocab-sharded; only rows are gathered).
+    bias: `[V]`.
+    negatives: `[K]` ids shared by all rows.
+    negative_log_q: `[K]` log sampling probabilities of the negatives.
+    target_log_q: `[M]` log sampling probabilities of the targets.
+    negative_mask: `[K]` bool, False = not a candidate.
+    remove_accidental_hits: mask negatives equal to the target.
+  """
+  query = query.astype(jnp.float32)
+  pos_emb = jnp.take(item_table, target_ids, axis=0).astype(jnp.float32)
+  neg_emb = jnp.take(item_table, negatives, axis=0).astype(jnp.float32)
+  bias = bias.astype(jnp.float32)
+  pos = jnp.sum(query * pos_emb, axis=-1) + jnp.take(bias, target_ids)  # [M]
+  neg = query @ neg_emb.T + jnp.take(bias, negatives)[None, :]  # [M, K]
+  if target_log_q is not None:
+    pos = pos - target_log_q.astype(jnp.float32)
+  if negative_log_q is not None:
+    neg = neg - negative_log_q.astype(jnp.float32)[None, :]
+  excluded = jnp.zeros(neg.shape, bool)
+  if remove_accidental_hits:
+    excluded = excluded | (negatives[None, :] == target_ids[:, None])
+  if negative_mask is not None:
+    excluded = excluded | ~negative_mask[None, :]
+  neg = jnp.where(excluded, _EXCLUDED, neg)
+  return jnp.concatenate([pos[:, None], neg], axis=1)
+
+
+def sampled_softmax_cross_entropy(
+    query: Array, target_ids: Array, item_table: Array, bias: Array,
+    negatives: Array, *, negative_log_q: Optional[Array] = None,
+    target_log_q: Optional[Array] = None, weights: Optional[Array] = None,
+    negative_mask: Optional[Array] = None,
+    remove_accidental_hits: bool = True) -> Tuple[Array, Array]:
+  """Sampled softmax with logQ correction; returns (sum_loss, sum_weights).
+
+  Shapes as in `sampled_softmax_logits`; `weights` `[M]` (default ones).
+  For in-batch negatives pass `negatives=target_ids`, `negative_log_q =
+  target_log_q` and `negative_mask = weights > 0`: each row's own target then
+  drops out as an accidental hit.
+  """
+  logits = sampled_softmax_logits(
+      query, target_ids, item_table, bias, negatives,
+      negative_log_q=negative_log_q, target_log_q=target_log_q,
+      negative_mask=negative_mask,
+      remove_accidental_hits=remove_accidental_hits)
+  if weights is None:
+    weights = jnp.ones(target_ids.shape, jnp.float32)
+  return masked_softmax_cross_entropy(
+      logits, jnp.zeros(target_ids.shape, jnp.int32), weights)
+
+
+def info_nce(a: Array, b: Array, temperature: float = 0.07, *,
+             normalize: bool = True) -> Array:
+  """Symmetric InfoNCE (CLIP loss): row i of `a` matches row i of `b`.
+
+  Args:
+    a: `[M, D]`.
+    b: `[M, D]`.
+    temperature: softmax temperature.
+    normalize: L2-normalise rows first (cosine similarity).
+
+  Returns:
+    Mean over rows of (CE(a -> b) + CE(b -> a)) / 2, a float32 scalar.
+  """
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  if a.shape != b.shape or a.ndim != 2:
+    raise ValueError(f"info_nce expects two [M, D] arrays of the same shape; "
+                     f"got {a.shape} and {b.shape}")
+  if normalize:
+    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+  logits = a @ b.T / temperature
+  labels = jnp.arange(a.shape[0])
+  weights = jnp.ones(a.shape[:1], jnp.float32)
+  ab, n = masked_softmax_cross_entropy(logits, labels, weights)
+  ba, _ = masked_softmax_cross_entropy(logits.T, labels, weights)
+  return 0.5 * (ab + ba) / n

@@ -1,0 +1,250 @@
+"""Model wrappers (t5x BaseModel style): the training meaning of a module.
+
+The trainer calls `get_initial_variables` and `loss_fn`; the evaluator calls
+`score_fn` (or `hidden_at_mask` + `item_scores_from_hidden` to score
+shard-wise); export calls `item_embeddings` / `item_bias`. Params passed in
+are the unboxed tree (`nn.meta.unbox`).
+"""
+
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys_jax import losses
+from recsys_jax.models import bert4rec as bert4rec_lib
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+LOSSES = ("full", "sampled_uniform", "sampled_popularity", "in_batch")
+
+
+def gather_predictions(hidden: Array, targets: Array, weights: Array,
+                       num: int) -> Tuple[Array, Array, Array]:
+  """Keeps the `num` highest-weight positions of each row.
+
+  Args:
+    hidden: `[B, L, E]`.
+    targets: `[B, L]`.
+    weights: `[B, L]` loss weights (masked positions > 0).
+    num: P, predictions kept per row; rows with more weighted positions lose
+      the extra ones (the input pipeline caps masks so this does not happen).
+
+  Returns:
+    hidden `[B, P, E]`, targets `[B, P]`, weights `[B, P]`.
+  """
+  if num >= weights.shape[1]:
+    return hidden, targets, weights
+  _, idx = jax.lax.top_k(weights, num)  # [B, P]
+  return (jnp.take_along_axis(hidden, idx[:, :, None], axis=1),
+          jnp.take_along_axis(targets, idx, axis=1),
+          jnp.take_along_axis(weights, idx, axis=1))
+
+
+class SequenceRecModel:
+  """Shared wrapper of masked-item sequence recommenders with a tied output.
+
+  Subclasses set `module` (with `__call__`, `output_query`, `logits`,
+  `all_logits`), `num_items`, `max_len`, `mask_id`, `padded_vocab` and
+  `_table_and_bias(params)`.
+  """
+  module: nn.Module
+  num_items: int
+  max_len: int
+  mask_id: int
+  padded_vocab: int
+
+  def __init__(self, *, loss: str = "full", num_negatives: int = 0,
+               item_log_popularity: Optional[np.ndarray] = None,
+               max_predictions: Optional[int] = None, z_loss: float = 0.0):
+    if loss not in LOSSES:
+      raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+    if loss in ("sampled_uniform", "sampled_popularity") and num_negatives < 1:
+      raise ValueError(f"loss={loss!r} needs num_negatives >= 1; got "
+                       f"{num_negatives}")
+    if loss == "sampled_popularity" and item_log_popularity is None:
+      raise ValueError("loss='sampled_popularity' needs item_log_popularity "
+                       f"([{self.num_items}] log-probabilities of items 1..N)")
+    if max_predictions is not None and not 1 <= max_predictions <= self.max_len:
+      raise ValueError(f"max_predictions={max_predictions}: expected 1.."
+                       f"{self.max_len} (max_len)")
+    self.loss = loss
+    self.num_negatives = int(num_negatives)
+    self.max_predictions = max_predictions
+    self.z_loss = float(z_loss)
+    self.item_log_popularity = None
+    self._log_q_table = None  # [padded_vocab] log q by item id
+    if item_log_popularity is not None:
+      log_pop = np.asarray(item_log_popularity, np.float64)
+      if log_pop.shape != (self.num_items,) or not np.all(np.isfinite(log_pop)):
+        raise ValueError(
+            f"item_log_popularity has shape {log_pop.shape}; expected finite "
+            f"values of shape ({self.num_items},) for items 1..N")
+      log_pop = log_pop - np.logaddexp.reduce(log_pop)  # normalise
+      self.item_log_popularity = log_pop.astype(np.float32)
+      table = np.zeros(self.padded_vocab, np.float32)
+      table[1:self.num_items + 1] = self.item_log_popularity
+      self._log_q_table = table
+
+  # -- module plumbing -------------------------------------------------------
+
+  def _apply(self, params, *args, method: str = "__call__", rngs=None,
+             **kwargs):
+    fn = getattr(type(self.module), method)
+    return self.module.apply({"params": params}, *args, method=fn, rngs=rngs,
+                             **kwargs)
+
+  def _table_and_bias(self, params) -> Tuple[Array, Array]:
+    raise NotImplementedError
+
+  def get_initial_variables(self, rng: Array,
+                            batch_size: int = 2) -> Dict[str, Any]:
+    """{'params': ...} with `nn.LogicallyPartitioned` boxes on every leaf."""
+    ids = jnp.ones((batch_size, self.max_len), jnp.int32)
+    variables = self.module.init({"params": rng}, ids,
+                                 method=type(self.module).all_logits)
+    return {"params": variables["params"]}
+
+  def hidden_states(self, params, batch: Batch,
+                    dropout_rng: Optional[Array] = None) -> Array:
+    """`[B, L, E]`; dropout applies iff `dropout_rng` is given."""
+    return self._apply(
+        params, batch["item_ids"], segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"), deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  # -- training --------------------------------------------------------------
+
+  def loss_fn(self, params, batch: Batch,
+              dropout_rng: Optional[Array]) -> Tuple[Array, Dict[str, Array]]:
+    """Masked-item loss; returns (loss, {'loss_sum','weight_sum','correct_sum'}).
+
+    Logits are computed only at the (at most `max_predictions`) weighted
+    positions of each row. For the sampled losses `correct_sum` counts
+    targets that beat every sampled candidate, not the full catalogue.
+    """
+    sample_rng = jax.random.PRNGKey(0)
+    if dropout_rng is not None:
+      dropout_rng, sample_rng = jax.random.split(dropout_rng)
+    hidden = self.hidden_states(params, batch, dropout_rng)
+    targets = batch["targets"].astype(jnp.int32)
+    weights = batch["loss_weights"].astype(jnp.float32)
+    num = self.max_predictions or targets.shape[1]
+    hidden, targets, weights = gather_predictions(hidden, targets, weights, num)
+    if self.loss == "full":
+      logits = self._apply(params, hidden, method="logits")  # [B, P, V]
+      logits = nn.with_logical_constraint(logits, ("batch", None, "vocab"))
+      loss_sum, weight_sum = losses.masked_softmax_cross_entropy(
+          logits, targets, weights, z_loss=self.z_loss)
+      correct = jnp.argmax(logits, axis=-1) == targets
+    else:
+      logits = self._sampled_logits(params, hidden, targets, weights,
+                                    sample_rng)  # [B*P, 1 + K]
+      flat_w = weights.reshape(-1)
+      zeros = jnp.zeros(flat_w.shape, jnp.int32)
+      loss_sum, weight_sum = losses.masked_softmax_cross_entropy(
+          logits, zeros, flat_w, z_loss=self.z_loss)
+      correct = jnp.argmax(logits, axis=-1) == 0
+      weights = flat_w
+    correct_sum = jnp.sum(correct.astype(jnp.float32) * weights)
+    loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+    return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum,
+                  "correct_sum": correct_sum}
+
+  def _sampled_logits(self, params, hidden, targets, weights, rng) -> Array:
+    """Candidate logits (target first) for the sampled / in-batch losses."""
+    query = self._apply(params, hidden, method="output_query")
+    query = query.reshape(-1, query.shape[-1])  # [M, E]
+    targets = targets.reshape(-1)
+    table, bias = self._table_and_bias(params)
+    log_q_table = (None if self._log_q_table is None
+                   else jnp.asarray(self._log_q_table))
+    if self.loss == "in_batch":
+      target_log_q = (None if log_q_table is None
+                      else jnp.take(log_q_table, targets))
+      return losses.sampled_softmax_logits(
+          query, targets, table, bias, targets, negative_log_q=target_log_q,
+          target_log_q=target_log_q,
+          negative_mask=weights.reshape(-1) > 0)
+    if self.loss == "sampled_uniform":
+      negatives, neg_log_q = losses.sample_negatives(
+          rng, self.num_negatives, self.num_items)
+      target_log_q = jnp.full(targets.shape, -math.log(self.num_items))
+    else:  # sampled_popularity
+      negatives, neg_log_q = losses.sample_negatives(
+          rng, self.num_negatives, self.num_items,
+          jnp.asarray(self.item_log_popularity))
+      target_log_q = jnp.take(log_q_table, targets)
+    return losses.sampled_softmax_logits(
+        query, targets, table, bias, negatives, negative_log_q=neg_log_q,
+        target_log_q=target_log_q)
+
+  # -- scoring and export ----------------------------------------------------
+
+  def hidden_at_mask(self, params, batch: Batch) -> Array:
+    """`[B, E]` hidden state at each row's (first) [MASK] position."""
+    hidden = self.hidden_states(params, batch)
+    idx = jnp.argmax(batch["item_ids"] == self.mask_id, axis=1)  # [B]
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+  def item_scores_from_hidden(self, params, hidden: Array) -> Array:
+    """`[B, E] -> [B, padded_vocab]` float32; non-item columns are -1e9."""
+    logits = self._apply(params, hidden, method="logits").astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "vocab"))
+
+  def score_fn(self, params, batch: Batch) -> Array:
+    """`[B, N]` float32 scores at the [MASK]; column j is item j + 1."""
+    scores = self.item_scores_from_hidden(params,
+                                          self.hidden_at_mask(params, batch))
+    return scores[:, 1:self.num_items + 1]
+
+  def query_at_mask(self, params, batch: Batch) -> Array:
+    """`[B, E]` query q with scores = q @ item_embeddings.T + item_bias."""
+    return self._apply(params, self.hidden_at_mask(params, batch),
+                       method="output_query")
+
+  def item_embeddings(self, params) -> Array:
+    """`[N, E]` output (= input) embeddings of items 1..N."""
+    return self._table_and_bias(params)[0][1:self.num_items + 1]
+
+  def item_bias(self, params) -> Array:
+    """`[N]` output bias of items 1..N."""
+    return self._table_and_bias(params)[1][1:self.num_items + 1]
+
+
+class Bert4RecModel(SequenceRecModel):
+  """BERT4Rec trained with a masked-item (cloze) loss.
+
+  Args:
+    config: the module's hyperparameters.
+    loss: 'full' softmax over all items; 'sampled_uniform' /
+      'sampled_popularity' (num_negatives shared negatives per batch, logQ
+      corrected); 'in_batch' (the other masked targets of the batch, logQ
+      corrected by item_log_popularity when given).
+    num_negatives: K for the sampled losses.
+    item_log_popularity: `[N]` log-probabilities of items 1..N.
+    max_predictions: positions per row that get logits (default: all L).
+    z_loss: coefficient of the logsumexp**2 regulariser.
+  """
+
+  def __init__(self, config: bert4rec_lib.Bert4RecConfig, *,
+               loss: str = "full", num_negatives: int = 0,
+               item_log_popularity: Optional[np.ndarray] = None,
+               max_predictions: Optional[int] = None, z_loss: float = 0.0):
+    self.config = config
+    self.module = bert4rec_lib.Bert4Rec(config)
+    self.num_items = config.num_items
+    self.max_len = config.max_len
+    self.mask_id = config.mask_id
+    self.padded_vocab = config.padded_vocab
+    super().__init__(loss=loss, num_negatives=num_negatives,
+                     item_log_popularity=item_log_popularity,
+                     max_predictions=max_predictions, z_loss=z_loss)
+
+  def _table_and_bias(self, params) -> Tuple[Array, Array]:
+    params = nn.meta.unbox(params)
+    return params["item_embed"]["embedding"], params["output_bias"]

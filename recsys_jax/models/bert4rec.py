@@ -1,0 +1,179 @@
+"""BERT4Rec (Sun et al., 2019): a bidirectional Transformer over item sequences.
+
+Item vocabulary (docs/FEATURES.md): 0 = padding, 1..N = items, N+1 = [MASK];
+the table is padded to a multiple of `vocab_pad_multiple` rows so the `vocab`
+axis divides any model-parallel mesh axis. The output layer is tied to the
+item table; pad, [MASK] and padding rows are masked to a large negative logit.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recsys_jax.models import layers
+
+Array = jax.Array
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Bert4RecConfig:
+  """Hyperparameters of `Bert4Rec`.
+
+  Attributes:
+    num_items: N, the catalogue size (ids 1..N).
+    max_len: maximum sequence length (rows of the position table).
+    hidden: embedding / model width E.
+    num_layers: Transformer blocks.
+    num_heads: attention heads (must divide `hidden`).
+    mlp_dim: width of each block's GELU MLP.
+    dropout_rate: dropout on embeddings, residual branches and MLP hidden.
+    attention_dropout_rate: dropout on attention probabilities.
+    dtype: compute dtype (jnp.float32 or jnp.bfloat16, or their names);
+      parameters are always float32.
+    vocab_pad_multiple: the item table has round_up(N + 2, this) rows.
+    pre_layer_norm: pre-LN blocks plus a final LayerNorm (stable without
+      careful warm-up); False gives BERT's post-LN blocks.
+    output_transform: BERT4Rec's Dense + GELU + LayerNorm before the tied
+      output layer.
+  """
+  num_items: int
+  max_len: int = 50
+  hidden: int = 64
+  num_layers: int = 2
+  num_heads: int = 2
+  mlp_dim: int = 256
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+  vocab_pad_multiple: int = 128
+  pre_layer_norm: bool = True
+  output_transform: bool = True
+
+  def __post_init__(self):
+    for name in ("num_items", "max_len", "hidden", "num_layers", "num_heads",
+                 "mlp_dim", "vocab_pad_multiple"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"Bert4RecConfig.{name}={getattr(self, name)!r}: "
+                         "expected a positive integer")
+    if self.hidden % self.num_heads:
+      raise ValueError(f"Bert4RecConfig.hidden={self.hidden} must be divisible"
+                       f" by num_heads={self.num_heads}")
+    if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32),
+                                     jnp.dtype(jnp.bfloat16)):
+      raise ValueError(f"Bert4RecConfig.dtype={self.dtype!r}: expected "
+                       "float32 or bfloat16")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def mask_id(self) -> int:
+    return self.num_items + 1
+
+  @property
+  def padded_vocab(self) -> int:
+    return round_up(self.num_items + 2, self.vocab_pad_multiple)
+
+
+def valid_item_mask(config: Bert4RecConfig) -> Array:
+  """`[padded_vocab]` bool, True exactly at the item ids 1..N."""
+  ids = jnp.arange(config.padded_vocab)
+  return (ids >= 1) & (ids <= config.num_items)
+
+
+class Bert4Rec(nn.Module):
+  """Item + position embeddings -> LayerNorm -> dropout -> Transformer blocks.
+
+  Entry points: `__call__` (hidden states), `output_query` (the transform
+  head), `logits` (tied output over the padded vocabulary) and `all_logits`.
+  """
+  config: Bert4RecConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    self.item_embed = layers.embedding(cfg.padded_vocab, cfg.hidden,
+                                       ("vocab", "embed"), dtype=dtype)
+    self.position_embed = layers.embedding(cfg.max_len, cfg.hidden,
+                                           ("length", "embed"), dtype=dtype)
+    self.embed_norm = layers.layer_norm(dtype)
+    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.blocks = [
+        layers.TransformerBlock(
+            num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
+            dropout_rate=cfg.dropout_rate,
+            attention_dropout_rate=cfg.attention_dropout_rate,
+            pre_layer_norm=cfg.pre_layer_norm, dtype=dtype)
+        for _ in range(cfg.num_layers)]
+    if cfg.pre_layer_norm:
+      self.final_norm = layers.layer_norm(dtype)
+    if cfg.output_transform:
+      # ('embed', 'mlp') rather than ('embed', 'embed'): one logical name used
+      # twice would map one mesh axis twice under FSDP-style rules.
+      self.transform_dense = nn.Dense(
+          cfg.hidden, dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=layers.logical(layers.default_kernel_init,
+                                     ("embed", "mlp")),
+          bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))
+      self.transform_norm = layers.layer_norm(dtype)
+    self.output_bias = self.param(
+        "output_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
+        (cfg.padded_vocab,), jnp.float32)
+
+  def __call__(self, item_ids: Array, *, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Hidden states `[B, L, E]` of `item_ids` `[B, L]`.
+
+    Args:
+      item_ids: `[B, L]` ids; 0 = padding (never attended to).
+      segment_ids: optional `[B, L]` packing segments (attention stays inside
+        a nonzero segment).
+      positions: optional `[B, L]` positions inside each segment; default
+        0..L-1 per row.
+      deterministic: False applies dropout (needs a 'dropout' rng).
+    """
+    cfg = self.config
+    batch, length = item_ids.shape
+    if length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds "
+                       f"Bert4RecConfig.max_len={cfg.max_len}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    x = self.item_embed(item_ids) + self.position_embed(positions)
+    x = self.embed_norm(x)
+    x = self.embed_dropout(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, layers.BLOCK_AXES)
+    mask = layers.make_attention_mask(item_ids != 0, segment_ids)
+    for block in self.blocks:
+      x = block(x, mask, deterministic=deterministic)
+    if cfg.pre_layer_norm:
+      x = self.final_norm(x)
+    return nn.with_logical_constraint(x, layers.BLOCK_AXES)
+
+  def output_query(self, hidden: Array) -> Array:
+    """The vector dotted with item embeddings: `[..., E] -> [..., E]`."""
+    if not self.config.output_transform:
+      return hidden
+    h = nn.gelu(self.transform_dense(hidden), approximate=False)
+    return self.transform_norm(h)
+
+  def logits(self, hidden: Array) -> Array:
+    """Tied output `[..., E] -> [..., padded_vocab]`; non-items get -1e9."""
+    query = self.output_query(hidden)
+    logits = self.item_embed.attend(query)
+    logits = logits + self.output_bias.astype(logits.dtype)
+    return jnp.where(valid_item_mask(self.config), logits,
+                     layers.large_negative(logits.dtype))
+
+  def all_logits(self, item_ids: Array, **kwargs) -> Array:
+    """Logits at every position `[B, L, padded_vocab]` (init and tests)."""
+    return self.logits(self(item_ids, **kwargs))

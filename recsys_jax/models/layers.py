@@ -1,0 +1,178 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Parameters are float32 and boxed with `nn.with_logical_partitioning`; compute
+runs in `dtype` (float32 or bfloat16). Block-edge activations are constrained
+to ('batch', 'length', 'embed'); the constraints are no-ops unless logical
+axis rules and a mesh are in context. No mesh axes appear here.
+"""
+
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+BLOCK_AXES = ("batch", "length", "embed")
+
+# BERT's initialisation: truncated normal, stddev 0.02.
+default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def large_negative(dtype: DType) -> float:
+  """A finite value that vanishes under softmax in `dtype` (-1e9 or less)."""
+  return max(-1e9, -0.5 * float(jnp.finfo(dtype).max))
+
+
+def logical(init: Initializer, axes: Tuple[Optional[str], ...]) -> Initializer:
+  return nn.with_logical_partitioning(init, axes)
+
+
+def embedding(num_embeddings: int, features: int, axes: Tuple[str, str], *,
+              dtype: DType = jnp.float32, name: Optional[str] = None,
+              init: Initializer = default_kernel_init) -> nn.Embed:
+  """A learned table `[num_embeddings, features]` named by logical `axes`.
+
+  `.attend(x)` gives `x @ table.T`, used for the tied output layer.
+  """
+  return nn.Embed(num_embeddings=num_embeddings, features=features,
+                  dtype=dtype, param_dtype=jnp.float32,
+                  embedding_init=logical(init, axes), name=name)
+
+
+def layer_norm(dtype: DType = jnp.float32,
+               name: Optional[str] = None) -> nn.LayerNorm:
+  """LayerNorm with ('embed',) scale and bias; statistics in float32."""
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                      use_fast_variance=False,
+                      scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)),
+                      name=name)
+
+
+def make_attention_mask(valid: Array,
+                        segment_ids: Optional[Array] = None) -> Array:
+  """Bidirectional attention mask `[B, 1, L, L]` (True = may attend).
+
+  Args:
+    valid: `[B, L]` bool, False at padding.
+    segment_ids: optional `[B, L]` ints; a query attends only to keys of the
+      same nonzero segment (packing several users into one row).
+  """
+  mask = valid[:, None, None, :] & valid[:, None, :, None]
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    nonzero = segment_ids[:, None, None, :] != 0
+    mask = mask & same & nonzero
+  return mask
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Multi-head self-attention; q/k/v ('embed','heads','kv'), out ('heads','kv','embed').
+
+  Attributes:
+    num_heads: number of heads; the head size is `features // num_heads`.
+    dropout_rate: dropout on the attention probabilities.
+    dtype: compute dtype (the softmax runs in float32).
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None, *,
+               deterministic: bool = True) -> Array:
+    """Attends `x` `[B, L, E]` to itself under `mask` `[B, 1, L, L]`."""
+    features = x.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"embed size {features} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    head_dim = features // self.num_heads
+
+    def proj(name):
+      return nn.DenseGeneral(
+          features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
+          bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+          name=name)
+
+    q = proj("query")(x)  # [B, L, H, D]
+    k = proj("key")(x)
+    v = proj("value")(x)
+    q = q * head_dim**-0.5  # a Python float keeps q's dtype
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if mask is not None:
+      # A finite fill keeps fully masked (padding) queries NaN-free.
+      scores = jnp.where(mask, scores, large_negative(jnp.float32))
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    return nn.DenseGeneral(
+        features=features, axis=(-2, -1), dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name="out")(out)
+
+
+class Mlp(nn.Module):
+  """Dense ('embed','mlp') -> GELU -> Dense ('mlp','embed')."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    features = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=logical(self.kernel_init, ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.zeros, ("mlp",)),
+                 name="wi")(x)
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=logical(self.kernel_init, ("mlp", "embed")),
+                    bias_init=logical(nn.initializers.zeros, ("embed",)),
+                    name="wo")(h)
+
+
+class TransformerBlock(nn.Module):
+  """Self-attention + MLP, each with a residual; pre- or post-LayerNorm.
+
+  Pre-LN (`pre_layer_norm=True`): x + f(LN(x)); the stack needs a final LN.
+  Post-LN (BERT): LN(x + f(x)).
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  pre_layer_norm: bool = True
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None, *,
+               deterministic: bool = True) -> Array:
+    x = nn.with_logical_constraint(x, BLOCK_AXES)
+    attn = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate,
+                                  self.dtype, name="attention")
+    mlp = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
+    drop = nn.Dropout(self.dropout_rate)
+    ln_attn = layer_norm(self.dtype, name="attention_norm")
+    ln_mlp = layer_norm(self.dtype, name="mlp_norm")
+    if self.pre_layer_norm:
+      x = x + drop(attn(ln_attn(x), mask, deterministic=deterministic),
+                   deterministic=deterministic)
+      x = x + drop(mlp(ln_mlp(x), deterministic=deterministic),
+                   deterministic=deterministic)
+    else:
+      x = ln_attn(x + drop(attn(x, mask, deterministic=deterministic),
+                           deterministic=deterministic))
+      x = ln_mlp(x + drop(mlp(x, deterministic=deterministic),
+                          deterministic=deterministic))
+    return nn.with_logical_constraint(x, BLOCK_AXES)

@@ -1,0 +1,223 @@
+"""SeqIO data source over a prepared dataset: leave-one-out splits per user.
+
+Splits (the leave-one-out protocol of the sequential-recommendation
+literature, e.g. SASRec/Bert4Rec), for a user with items x_1..x_n:
+  'train':       item_ids = x_1..x_{n-2}
+  'validation':  item_ids = x_1..x_{n-2}, target = x_{n-1}
+  'test':        item_ids = x_1..x_{n-1}, target = x_n
+
+Every split has one example per user (users too short for a split are
+dropped; prepared datasets keep users with >= 3 interactions, so none is).
+Features aligned with `item_ids` (`timestamps`, `critiques`, `per_item/*`)
+are sliced the same way; in the evaluation splits `target_critique` is the
+critique shown before the held-out item ("" when the dataset has none).
+`user_id` and `narrative/*` pass through unchanged.
+"""
+
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import seqio
+import tensorflow as tf
+
+from recsys_jax.data import prepared
+
+# The input pipeline runs on the host CPU; TensorFlow must never reserve GPU
+# memory that JAX needs. This module is the first pipeline module to import TF.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # devices already initialized / none
+  pass
+
+SPLITS = ("train", "validation", "test")
+TARGET = "target"
+TARGET_CRITIQUE = "target_critique"
+DEFAULT_PREPARE_HINT = ("python -m recsys_jax.data.prepare --format=synthetic "
+                        "--output_dir={data_dir}")
+
+
+def aligned_keys(keys) -> List[str]:
+  """Features of a source example that are aligned with `item_ids`."""
+  return [k for k in keys
+          if k in (prepared.TIMESTAMPS, prepared.CRITIQUES)
+          or k.startswith(prepared.PER_ITEM_PREFIX)]
+
+
+def is_eval_dataset(ds: tf.data.Dataset) -> bool:
+  """True for validation/test examples (they carry a held-out `target`)."""
+  return TARGET in ds.element_spec
+
+
+def split_example(ex: Mapping[str, tf.Tensor], split: str
+                  ) -> Dict[str, tf.Tensor]:
+  """Applies the leave-one-out split to one parsed full-sequence example."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  n = tf.shape(ex[prepared.ITEM_IDS])[0]
+  end = n - 1 if split == "test" else n - 2
+  out = {}
+  for k, v in ex.items():
+    if k == prepared.ITEM_IDS or k in aligned_keys([k]):
+      out[k] = v[:end]
+    else:
+      out[k] = v
+  if split != "train":
+    out[TARGET] = ex[prepared.ITEM_IDS][end]
+    if prepared.CRITIQUES in ex:
+      out[TARGET_CRITIQUE] = ex[prepared.CRITIQUES][end]
+    else:
+      out[TARGET_CRITIQUE] = tf.constant("")
+  return out
+
+
+class PreparedSequenceSource(seqio.DataSource):
+  """Per-user leave-one-out examples read from a prepared dataset directory.
+
+  The directory is only read at `get_dataset` / `num_input_examples` time, so
+  a task can be registered before its data is prepared.
+  """
+
+  def __init__(self, data_dir: str, *, prepare_hint: Optional[str] = None,
+               shuffle_buffer_size: int = 10_000):
+    """Creates the source.
+
+    Args:
+      data_dir: prepared dataset directory (see recsys_jax/data/prepared.py).
+      prepare_hint: command shown when the directory does not exist;
+        `{data_dir}` is substituted.
+      shuffle_buffer_size: records shuffled at the source (per shard).
+    """
+    super().__init__(splits=SPLITS, num_input_examples=None,
+                     caching_permitted=True)
+    self._data_dir = data_dir
+    self._prepare_hint = prepare_hint or DEFAULT_PREPARE_HINT
+    self._shuffle_buffer_size = shuffle_buffer_size
+
+  def __str__(self):
+    return f"PreparedSequenceSource({self._data_dir})"
+
+  @property
+  def data_dir(self) -> str:
+    return self._data_dir
+
+  @property
+  def prepared(self) -> prepared.PreparedDataset:
+    """The dataset, with a clear error when it has not been prepared yet."""
+    if not os.path.exists(os.path.join(self._data_dir, prepared.STATS_FILE)):
+      raise FileNotFoundError(
+          f"{self._data_dir}: no prepared dataset here (missing "
+          f"{prepared.STATS_FILE}). Create it first with:\n  "
+          + self._prepare_hint.format(data_dir=self._data_dir))
+    ds = prepared.PreparedDataset(self._data_dir)
+    if not ds.sequence_files:
+      raise FileNotFoundError(
+          f"{self._data_dir}: {prepared.STATS_FILE} exists but no "
+          f"{prepared.SEQUENCES_PREFIX}-* files; re-run the prepare step")
+    return ds
+
+  @property
+  def num_items(self) -> int:
+    return self.prepared.num_items
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True  # ds.shard over records, whatever the number of files
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return self.prepared.sequence_files
+
+  def num_input_examples(self, split: str) -> int:
+    """Users in the dataset (one example per user in every split)."""
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return int(self.prepared.stats["users"])
+
+  def get_dataset(
+      self,
+      split: str = "train",
+      shuffle: bool = True,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+      *,
+      sequence_length: Optional[Mapping[str, int]] = None,  # unused
+      use_cached: bool = False,  # unused
+      num_epochs: Optional[int] = 1,  # unused
+  ) -> tf.data.Dataset:
+    """Leave-one-out examples of `split` (one per user of this shard).
+
+    Args:
+      split: 'train', 'validation' or 'test'.
+      shuffle: shuffle records (deterministically when `seed` is given).
+      seed: shuffle seed.
+      shard_info: read only users `index, index + num_shards, ...` (in file
+        order); the shards are disjoint and together cover every user.
+    """
+    del sequence_length, use_cached, num_epochs
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    data = self.prepared
+    spec = data.feature_spec()
+    num_items = data.num_items
+    data_dir = self._data_dir
+    ds = tf.data.TFRecordDataset(data.sequence_files)
+    if shard_info is not None:
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    if shuffle:
+      ds = ds.shuffle(self._shuffle_buffer_size, seed=seed,
+                      reshuffle_each_iteration=True)
+
+    def parse(record):
+      ex = tf.io.parse_single_example(record, spec)
+      out = {}
+      for k, v in ex.items():
+        if isinstance(v, tf.SparseTensor):
+          v = tf.sparse.to_dense(v)
+        if v.dtype == tf.int64:
+          v = tf.cast(v, tf.int32)
+        out[k] = v
+      ids = out[prepared.ITEM_IDS]
+      ok = tf.logical_and(tf.reduce_all(ids >= 1),
+                          tf.reduce_all(ids <= num_items))
+      check = tf.debugging.Assert(
+          ok, [f"{data_dir}: item_ids must lie in 1..{num_items}; bad user",
+               out[prepared.USER_ID]])
+      with tf.control_dependencies([check]):
+        out[prepared.ITEM_IDS] = tf.identity(ids)
+      return out
+
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    min_len = 3 if split == "train" else 2
+    ds = ds.filter(
+        lambda ex: tf.shape(ex[prepared.ITEM_IDS])[0] >= min_len)
+    return ds.map(lambda ex: split_example(ex, split),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class ItemVocabulary(seqio.PassThroughVocabulary):
+  """Item-id vocabulary of a prepared dataset: size N + 2 (pad, items, [MASK]).
+
+  The size is read from the dataset on first use, so tasks can be registered
+  before the dataset exists.
+  """
+
+  def __init__(self, source: PreparedSequenceSource):
+    seqio.Vocabulary.__init__(self)  # pylint: disable=non-parent-init-called
+    self._source = source
+    self._eos_id = None
+    self._cached_size = None
+
+  @property
+  def _size(self) -> int:
+    if self._cached_size is None:
+      self._cached_size = self._source.num_items + 2
+    return self._cached_size
+
+  def __eq__(self, other):
+    return (isinstance(other, ItemVocabulary)
+            and other._source.data_dir == self._source.data_dir)  # pylint: disable=protected-access
+
+  def __hash__(self):
+    return hash(self._source.data_dir)
+
+  def __str__(self) -> str:
+    return f"ItemVocabulary({self._source.data_dir})"

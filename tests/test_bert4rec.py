@@ -1,0 +1,211 @@
+"""Bert4Rec module and layers: references, masking, packing, logical axes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recsys_jax.models import bert4rec
+from recsys_jax.models import layers
+
+N = 20
+CFG = bert4rec.Bert4RecConfig(num_items=N, max_len=8, hidden=16, num_layers=2,
+                              num_heads=2, mlp_dim=32, dropout_rate=0.1,
+                              attention_dropout_rate=0.1)
+ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "length",
+                "latents", "queries"}
+
+
+
+
+def jitted(module, fn="apply"):
+  """module.apply / module.init under jit: eager Flax is slow on CPU."""
+  return jax.jit(getattr(module, fn),
+                 static_argnames=("method", "deterministic"))
+
+
+@pytest.fixture(scope="module")
+def apply():
+  """One jitted apply shared by the tests, so equal signatures compile once."""
+  return jitted(bert4rec.Bert4Rec(CFG))
+
+
+@pytest.fixture(scope="module")
+def params():
+  module = bert4rec.Bert4Rec(CFG)
+  variables = jitted(module, "init")(jax.random.PRNGKey(0),
+                                     jnp.ones((2, CFG.max_len), jnp.int32),
+                                     method=bert4rec.Bert4Rec.all_logits)
+  return variables["params"]
+
+
+def boxed_leaves(tree):
+  return jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def test_config_vocab_padding_and_validation():
+  assert CFG.mask_id == N + 1
+  assert CFG.padded_vocab == 128
+  assert bert4rec.Bert4RecConfig(num_items=126).padded_vocab == 128
+  assert bert4rec.Bert4RecConfig(num_items=127).padded_vocab == 256
+  assert bert4rec.Bert4RecConfig(num_items=5,
+                                 vocab_pad_multiple=4).padded_vocab == 8
+  with pytest.raises(ValueError, match="divisible by num_heads"):
+    bert4rec.Bert4RecConfig(num_items=5, hidden=10, num_heads=3)
+  with pytest.raises(ValueError, match="num_items"):
+    bert4rec.Bert4RecConfig(num_items=0)
+  with pytest.raises(ValueError, match="dtype"):
+    bert4rec.Bert4RecConfig(num_items=5, dtype=jnp.float16)
+
+
+def test_every_parameter_has_logical_axes(params):
+  leaves = boxed_leaves(params)
+  by_name = {}
+  for path, leaf in leaves:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"{name} is not boxed"
+    assert len(leaf.names) == leaf.value.ndim, name
+    assert set(leaf.names) <= ALLOWED_AXES, (name, leaf.names)
+    assert leaf.value.dtype == jnp.float32, name
+    by_name[name] = leaf.names
+  assert by_name["item_embed/embedding"] == ("vocab", "embed")
+  assert by_name["position_embed/embedding"] == ("length", "embed")
+  assert by_name["output_bias"] == ("vocab",)
+  assert by_name["blocks_0/attention/query/kernel"] == ("embed", "heads", "kv")
+  assert by_name["blocks_0/attention/out/kernel"] == ("heads", "kv", "embed")
+  assert by_name["blocks_1/mlp/wi/kernel"] == ("embed", "mlp")
+  assert by_name["blocks_1/mlp/wo/kernel"] == ("mlp", "embed")
+  assert by_name["embed_norm/scale"] == ("embed",)
+  assert params["item_embed"]["embedding"].value.shape == (128, 16)
+  # The partition specs the trainer derives resolve for every leaf.
+  specs = nn.get_partition_spec(params)
+  assert len(jax.tree_util.tree_leaves(specs)) == len(leaves)
+
+
+def test_make_attention_mask_by_hand():
+  valid = np.array([[1, 1, 1, 1, 0]], bool)
+  seg = np.array([[1, 1, 2, 2, 0]])
+  mask = np.asarray(layers.make_attention_mask(valid, seg))[0, 0]
+  expected = np.array([[1, 1, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [0, 0, 1, 1, 0],
+                       [0, 0, 1, 1, 0],
+                       [0, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(mask, expected)
+  no_seg = np.asarray(layers.make_attention_mask(valid))[0, 0]
+  np.testing.assert_array_equal(no_seg, np.outer(valid[0], valid[0]))
+
+
+def test_attention_matches_numpy_einsum():
+  b, l, e, h = 2, 5, 8, 2
+  d = e // h
+  x = np.random.default_rng(0).normal(size=(b, l, e)).astype(np.float32)
+  valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  seg = np.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
+  mask = layers.make_attention_mask(valid, seg)
+  attn = layers.MultiHeadSelfAttention(num_heads=h)
+  variables = jitted(attn, "init")(jax.random.PRNGKey(1), x, mask)
+  # Random biases so they are exercised by the comparison.
+  p = nn.meta.unbox(variables["params"])
+  noise = np.random.default_rng(2)
+  p = jax.tree.map(lambda a: a + 0.1 * noise.normal(size=a.shape), p)
+  attn_apply = jitted(attn)
+  out = np.asarray(attn_apply({"params": p}, x, mask))
+  p = jax.tree.map(np.asarray, p)
+
+  def proj(name):
+    return (np.einsum("ble,ehd->blhd", x, p[name]["kernel"])
+            + p[name]["bias"])
+  q, k, v = proj("query"), proj("key"), proj("value")
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+  s = np.where(np.asarray(mask), s, -1e9)
+  s = np.exp(s - s.max(-1, keepdims=True))
+  probs = s / s.sum(-1, keepdims=True)
+  o = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  ref = np.einsum("bqhd,hde->bqe", o, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+  # Row 1: segment 1 queries see only keys 0..1, so changing key 4 (segment
+  # 2) leaves them unchanged and changes segment-2 queries.
+  x2 = x.copy()
+  x2[1, 4] += 1.0
+  out2 = np.asarray(attn_apply({"params": p}, x2, mask))
+  np.testing.assert_allclose(out2[1, :2], out[1, :2], rtol=1e-6, atol=1e-6)
+  assert np.abs(out2[1, 2:4] - out[1, 2:4]).max() > 1e-3
+
+
+def test_packing_matches_separate_rows(params, apply):
+  user_a = [3, 7, 21, 9]
+  user_b = [12, 21, 5]
+  packed = np.array([user_a + user_b + [0]])
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
+  pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0]])
+  alone = np.array([user_a + [0] * 4, user_b + [0] * 5])
+  h_packed = np.asarray(apply({"params": params}, packed,
+                                     segment_ids=seg, positions=pos))
+  h_alone = np.asarray(apply({"params": params}, alone))
+  np.testing.assert_allclose(h_packed[0, :4], h_alone[0, :4], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(h_packed[0, 4:7], h_alone[1, :3], rtol=1e-5,
+                             atol=1e-5)
+  # Without the segment mask the users would see each other.
+  h_leaky = np.asarray(apply({"params": params}, packed, positions=pos))
+  assert np.abs(h_leaky[0, :4] - h_alone[0, :4]).max() > 1e-3
+  # Trailing padding does not change the hidden states of real items.
+  h_short = np.asarray(apply({"params": params},
+                                    np.array([user_a])))
+  np.testing.assert_allclose(h_short[0], h_alone[0, :4], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_logits_never_select_pad_mask_or_padding_rows(params, apply):
+  p = nn.meta.unbox(params)
+  invalid = np.r_[0, N + 1:CFG.padded_vocab]
+  # Make the non-item rows as attractive as possible.
+  bias = p["output_bias"].at[invalid].set(1e6)
+  table = p["item_embed"]["embedding"].at[invalid].multiply(100.0)
+  p = {**p, "output_bias": bias, "item_embed": {"embedding": table}}
+  ids = np.array([[1, 2, 21, 4, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 21]])
+  logits = np.asarray(apply({"params": p}, ids,
+                                   method=bert4rec.Bert4Rec.all_logits))
+  assert logits.shape == (2, 8, CFG.padded_vocab)
+  assert np.all(logits[..., invalid] <= -1e8)
+  assert np.all(logits[..., 1:N + 1] > -1e8)
+  top = logits.argmax(-1)
+  assert np.all((top >= 1) & (top <= N))
+  # The tied output: logits = output_query(h) @ table.T + bias at items.
+  h = apply({"params": p}, ids)
+  q = np.asarray(apply({"params": p}, h,
+                              method=bert4rec.Bert4Rec.output_query))
+  ref = q @ np.asarray(table).T + np.asarray(bias)
+  np.testing.assert_allclose(logits[..., 1:N + 1], ref[..., 1:N + 1],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_and_errors(params, apply):
+  ids = np.array([[1, 2, 21, 4, 0, 0, 0, 0]])
+  det1 = apply({"params": params}, ids)
+  det2 = apply({"params": params}, ids)
+  np.testing.assert_array_equal(det1, det2)
+  drop = apply({"params": params}, ids, deterministic=False,
+                      rngs={"dropout": jax.random.PRNGKey(3)})
+  assert np.abs(np.asarray(drop) - np.asarray(det1)).max() > 1e-3
+  with pytest.raises(ValueError, match="max_len=8"):
+    apply({"params": params}, np.ones((1, 9), np.int32))
+
+
+def test_bfloat16_and_post_layer_norm(params, apply):
+  ids = np.array([[1, 2, 21, 4, 5, 0, 0, 0]])
+  f32 = np.asarray(apply({"params": params}, ids))
+  bf16_cfg = bert4rec.Bert4RecConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+  h = jitted(bert4rec.Bert4Rec(bf16_cfg))({"params": params}, ids)
+  assert h.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(h, np.float32), f32, atol=0.1)
+  post_cfg = bert4rec.Bert4RecConfig(**{**CFG.__dict__,
+                                        "pre_layer_norm": False})
+  post_params = jax.eval_shape(
+      lambda r: bert4rec.Bert4Rec(post_cfg).init(
+          r, ids, method=bert4rec.Bert4Rec.all_logits),
+      jax.random.PRNGKey(0))["params"]
+  assert "final_norm" not in post_params and "final_norm" in params

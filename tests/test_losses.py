@@ -1,0 +1,176 @@
+"""Losses against NumPy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recsys_jax import losses
+
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(axis=-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def np_logsumexp(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(axis=-1)
+  return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+
+
+def test_masked_softmax_cross_entropy_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 4, 7)).astype(np.float32) * 3
+  logits[0, 0] += 1e4  # large shift: naive exp would overflow
+  targets = rng.integers(0, 7, size=(3, 4))
+  weights = (rng.random((3, 4)) > 0.4).astype(np.float32)
+  weights[1, 2] = 0.5
+  loss, wsum = losses.masked_softmax_cross_entropy(logits, targets, weights)
+  lsm = np_log_softmax(logits)
+  nll = -np.take_along_axis(lsm, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(loss, (nll * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(wsum, weights.sum())
+  assert np.isfinite(loss)
+
+  z = 1e-3
+  loss_z, _ = losses.masked_softmax_cross_entropy(logits, targets, weights,
+                                                  z_loss=z)
+  ref_z = ((nll + z * np_logsumexp(logits) ** 2) * weights).sum()
+  np.testing.assert_allclose(loss_z, ref_z, rtol=1e-5)
+
+
+def test_masked_softmax_cross_entropy_bfloat16_runs_in_float32():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(5, 300)) * 4, jnp.bfloat16)
+  targets = rng.integers(0, 300, size=(5,))
+  weights = np.ones(5, np.float32)
+  loss, _ = losses.masked_softmax_cross_entropy(logits, targets, weights)
+  assert loss.dtype == jnp.float32
+  lsm = np_log_softmax(np.asarray(logits.astype(jnp.float32)))
+  ref = -lsm[np.arange(5), targets].sum()
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_masked_softmax_cross_entropy_shape_error():
+  with pytest.raises(ValueError, match="do not line up"):
+    losses.masked_softmax_cross_entropy(np.zeros((2, 3, 5)), np.zeros((2, 4)),
+                                        np.zeros((2, 4)))
+
+
+def np_sampled_reference(query, targets, table, bias, negatives, neg_log_q,
+                         tgt_log_q, weights, neg_mask):
+  """Row by row: candidates = target + valid non-hit negatives."""
+  total = 0.0
+  for i in range(len(targets)):
+    pos = query[i] @ table[targets[i]] + bias[targets[i]] - tgt_log_q[i]
+    cands = [pos]
+    for k, n in enumerate(negatives):
+      if n == targets[i] or not neg_mask[k]:
+        continue
+      cands.append(query[i] @ table[n] + bias[n] - neg_log_q[k])
+    cands = np.asarray(cands, np.float64)
+    total += weights[i] * -(np_log_softmax(cands)[0])
+  return total
+
+
+def test_sampled_softmax_matches_numpy_with_logq_and_hits():
+  rng = np.random.default_rng(2)
+  v, e, m = 12, 5, 6
+  table = rng.normal(size=(v, e)).astype(np.float32)
+  bias = rng.normal(size=(v,)).astype(np.float32)
+  query = rng.normal(size=(m, e)).astype(np.float32)
+  targets = np.array([1, 2, 3, 3, 7, 11])
+  negatives = np.array([3, 5, 7, 9, 3, 10, 2])  # contains targets: hits
+  neg_log_q = np.log(rng.dirichlet(np.ones(len(negatives)))).astype(np.float32)
+  tgt_log_q = np.log(rng.uniform(0.01, 0.5, size=m)).astype(np.float32)
+  weights = np.array([1, 1, 0, 1, 1, 0.5], np.float32)
+  neg_mask = np.array([1, 1, 1, 0, 1, 1, 1], bool)
+  loss, wsum = losses.sampled_softmax_cross_entropy(
+      query, targets, table, bias, negatives, negative_log_q=neg_log_q,
+      target_log_q=tgt_log_q, weights=weights, negative_mask=neg_mask)
+  ref = np_sampled_reference(query, targets, table, bias, negatives,
+                             neg_log_q, tgt_log_q, weights, neg_mask)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(wsum, weights.sum())
+
+  # Without hit removal, row 0 (target 1, no hit) is unchanged but row 2
+  # (target 3, which appears twice among negatives) is not.
+  logits = losses.sampled_softmax_logits(
+      query, targets, table, bias, negatives, negative_log_q=neg_log_q,
+      target_log_q=tgt_log_q, remove_accidental_hits=True)
+  logits_hits = losses.sampled_softmax_logits(
+      query, targets, table, bias, negatives, negative_log_q=neg_log_q,
+      target_log_q=tgt_log_q, remove_accidental_hits=False)
+  np.testing.assert_allclose(logits[0], logits_hits[0])
+  assert logits[2, 1] == -1e9 and logits[2, 5] == -1e9
+  assert logits_hits[2, 1] > -1e3
+
+
+def test_in_batch_negatives_match_numpy():
+  rng = np.random.default_rng(3)
+  v, e = 9, 4
+  table = rng.normal(size=(v, e)).astype(np.float32)
+  bias = rng.normal(size=(v,)).astype(np.float32)
+  targets = np.array([1, 4, 4, 0, 8, 2])  # a duplicate and a padding row
+  weights = (targets > 0).astype(np.float32)
+  query = rng.normal(size=(len(targets), e)).astype(np.float32)
+  log_q = np.log(rng.uniform(0.05, 0.3, size=v)).astype(np.float32)[targets]
+  loss, wsum = losses.sampled_softmax_cross_entropy(
+      query, targets, table, bias, targets, negative_log_q=log_q,
+      target_log_q=log_q, weights=weights, negative_mask=weights > 0)
+  ref = 0.0
+  for i in range(len(targets)):
+    if not weights[i]:
+      continue
+    pos = query[i] @ table[targets[i]] + bias[targets[i]] - log_q[i]
+    cands = [pos] + [query[i] @ table[t] + bias[t] - log_q[j]
+                     for j, t in enumerate(targets)
+                     if weights[j] > 0 and t != targets[i]]
+    ref += -np_log_softmax(np.asarray(cands))[0]
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  assert wsum == 5
+
+
+def test_sample_negatives_uniform_and_popularity():
+  ids, log_q = losses.sample_negatives(jax.random.PRNGKey(0), 500, 7)
+  ids = np.asarray(ids)
+  assert ids.dtype == np.int32 and ids.min() >= 1 and ids.max() <= 7
+  assert len(np.unique(ids)) == 7
+  np.testing.assert_allclose(log_q, -math.log(7), rtol=1e-6)
+
+  p = np.array([0.5, 0.25, 0.15, 0.1])
+  ids, log_q = losses.sample_negatives(jax.random.PRNGKey(1), 20000, 4,
+                                       np.log(p) + 3.0)  # unnormalised
+  ids = np.asarray(ids)
+  assert ids.min() >= 1 and ids.max() <= 4
+  freq = np.bincount(ids, minlength=5)[1:] / len(ids)
+  np.testing.assert_allclose(freq, p, atol=0.015)
+  np.testing.assert_allclose(log_q, np.log(p)[ids - 1], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"expected \(5,\)"):
+    losses.sample_negatives(jax.random.PRNGKey(1), 3, 5, np.zeros(4))
+
+
+def test_info_nce_matches_numpy():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(6, 8)).astype(np.float32)
+  b = rng.normal(size=(6, 8)).astype(np.float32)
+  t = 0.1
+  an = a / np.linalg.norm(a, axis=1, keepdims=True)
+  bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+  s = an @ bn.T / t
+  ref = 0.5 * (-np.diag(np_log_softmax(s)).mean()
+               - np.diag(np_log_softmax(s.T)).mean())
+  np.testing.assert_allclose(losses.info_nce(a, b, t), ref, rtol=1e-5)
+  np.testing.assert_allclose(losses.info_nce(b, a, t), ref, rtol=1e-5)
+  s_raw = a @ b.T / t
+  ref_raw = 0.5 * (-np.diag(np_log_softmax(s_raw)).mean()
+                   - np.diag(np_log_softmax(s_raw.T)).mean())
+  np.testing.assert_allclose(losses.info_nce(a, b, t, normalize=False),
+                             ref_raw, rtol=1e-5)
+  # Identical orthogonal rows at a low temperature: near-zero loss.
+  eye = np.eye(6, 8, dtype=np.float32)
+  assert float(losses.info_nce(eye, eye, 0.01)) < 1e-6

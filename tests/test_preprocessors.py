@@ -1,0 +1,316 @@
+"""Tests of the sequence preprocessors against hand-computed cases and NumPy."""
+
+import math
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from recsys_jax.data import prepared
+from recsys_jax.seqio_ext import preprocessors as pp
+from recsys_jax.seqio_ext import sources
+
+NUM_ITEMS = 1000
+MASK = NUM_ITEMS + 1
+
+
+def _train_ds(histories):
+  """Train-split examples (no `target`) with the given item histories."""
+  return tf.data.Dataset.from_tensor_slices({
+      "user_id": [f"u{i}" for i in range(len(histories))],
+      "item_ids": tf.ragged.constant([list(h) for h in histories],
+                                     dtype=tf.int32)})
+
+
+def _rows(ds):
+  """All rows of a dataset of fixed-shape examples (batched for speed)."""
+  out = []
+  for b in ds.batch(1024).as_numpy_iterator():
+    out += [{k: v[i] for k, v in b.items()}
+            for i in range(len(next(iter(b.values()))))]
+  return out
+
+
+def _random_histories(n, lo, hi, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, NUM_ITEMS + 1, size=rng.integers(lo, hi + 1))
+          for _ in range(n)]
+
+
+def _masked(histories, seed=1, max_len=50, **kw):
+  kw.setdefault("mask_prob", 0.2)
+  kw.setdefault("max_predictions", None)
+  kw.setdefault("last_item_mask_prob", 0.0)
+  with seqio.utils.map_seed_manager(seed):
+    ds = pp.bert4rec_inputs(_train_ds(histories), num_items=NUM_ITEMS, **kw)
+  return _rows(pp.pad_or_pack(ds, max_len=max_len))
+
+
+def _expected_count(n, p, cap, q):
+  """E[#masked] of one row of n items under the documented rule (NumPy ref)."""
+  cap = n if cap is None else min(cap, n)
+  pmf = [math.comb(n, k) * p**k * (1 - p)**(n - k) for k in range(n + 1)]
+  normal = sum(min(max(k, 1), cap) * pmf[k] for k in range(n + 1))
+  return q * 1.0 + (1 - q) * normal
+
+
+def test_mask_rate_cap_padding_and_at_least_one():
+  hist = _random_histories(2000, 1, 40)
+  p, cap, q = 0.2, 6, 0.2
+  rows = _masked(hist, mask_prob=p, max_predictions=cap, last_item_mask_prob=q)
+  total_masked = total_expected = 0.0
+  for h, r in zip(hist, rows):
+    n = len(h)
+    w = r["loss_weights"]
+    m = w > 0
+    assert 1 <= m.sum() <= min(cap, n)
+    assert not m[n:].any(), "padding masked"
+    np.testing.assert_array_equal(r["item_ids"][n:], 0)
+    np.testing.assert_array_equal(r["targets"][n:], 0)
+    # Targets hold the true items exactly where masked; inputs are [MASK].
+    np.testing.assert_array_equal(r["targets"][:n], np.where(m[:n], h, 0))
+    np.testing.assert_array_equal(r["item_ids"][:n], np.where(m[:n], MASK, h))
+    assert r["item_ids"].dtype == np.int32 and w.dtype == np.float32
+    total_masked += m.sum()
+    total_expected += _expected_count(n, p, cap, q)
+  # Each row's count has variance <= cap^2 / 4; 5 sd of the total.
+  tol = 5 * math.sqrt(len(hist) * cap**2 / 4)
+  assert abs(total_masked - total_expected) < tol, (total_masked,
+                                                    total_expected)
+
+
+def test_mask_rate_matches_mask_prob_without_cap():
+  hist = _random_histories(1500, 30, 40, seed=3)
+  rows = _masked(hist, mask_prob=0.3, seed=5)
+  rate = sum(r["loss_weights"].sum() for r in rows) / sum(map(len, hist))
+  # With n >= 30 the at-least-one rule adds < 0.7**30 per row.
+  assert abs(rate - 0.3) < 0.01, rate
+
+
+def test_last_item_only_fraction():
+  # mask_prob=1 with cap 3: ordinary rows mask exactly 3 of n >= 5 items, so
+  # a row with a single mask on its last item is a last-item-only row.
+  hist = _random_histories(3000, 5, 20, seed=7)
+  q = 0.3
+  rows = _masked(hist, mask_prob=1.0, max_predictions=3, last_item_mask_prob=q)
+  last_only = 0
+  for h, r in zip(hist, rows):
+    m = r["loss_weights"] > 0
+    if m.sum() == 1:
+      assert m[len(h) - 1]
+      last_only += 1
+    else:
+      assert m.sum() == 3
+  frac = last_only / len(hist)
+  sd = math.sqrt(q * (1 - q) / len(hist))
+  assert abs(frac - q) < 5 * sd, frac
+
+
+def test_cap_keeps_a_uniform_subset():
+  hist = [list(range(1, 11))] * 4000
+  rows = _masked(hist, mask_prob=1.0, max_predictions=3)
+  freq = np.mean([r["loss_weights"][:10] for r in rows], axis=0)
+  np.testing.assert_allclose(freq, 0.3, atol=0.035)
+
+
+def test_masks_deterministic_per_seed_and_differ_across_seeds():
+  hist = _random_histories(200, 5, 30, seed=11)
+  a = _masked(hist, seed=123)
+  b = _masked(hist, seed=123)
+  c = _masked(hist, seed=124)
+  wa = np.stack([r["loss_weights"] for r in a])
+  np.testing.assert_array_equal(wa, np.stack([r["loss_weights"] for r in b]))
+  assert (wa != np.stack([r["loss_weights"] for r in c])).any()
+
+
+def test_random_replace_80_10_10():
+  hist = _random_histories(600, 40, 40, seed=13)
+  rows = _masked(hist, mask_prob=1.0, random_replace=True)
+  inputs = np.concatenate([r["item_ids"][:40] for r in rows])
+  truth = np.concatenate([r["targets"][:40] for r in rows])
+  assert (truth > 0).all()  # everything masked
+  is_mask = inputs == MASK
+  kept = inputs == truth
+  rand = ~is_mask & ~kept
+  assert abs(is_mask.mean() - 0.8) < 0.01
+  assert abs(kept.mean() - (0.1 + 0.1 / NUM_ITEMS)) < 0.01
+  assert abs(rand.mean() - 0.1) < 0.01
+  assert inputs[rand].min() >= 1 and inputs[rand].max() <= NUM_ITEMS
+
+
+def test_default_max_predictions():
+  assert pp.default_max_predictions(0.2, 50) == 11
+  assert pp.default_max_predictions(1.0, 5) == 5
+
+
+@pytest.mark.parametrize("n,max_len,stride,expected", [
+    (10, 4, 3, [(6, 10), (3, 7), (0, 4)]),
+    (10, 4, 4, [(6, 10), (2, 6), (0, 4)]),
+    (5, 4, 3, [(1, 5), (0, 4)]),
+    (4, 4, 1, [(0, 4)]),
+    (2, 4, 2, [(0, 2)]),
+])
+def test_sliding_windows(n, max_len, stride, expected):
+  hist = list(range(101, 101 + n))
+  ds = pp.truncate_or_window(_train_ds([hist]), max_len=max_len,
+                             sliding_window_stride=stride)
+  got = [list(ex["item_ids"]) for ex in ds.as_numpy_iterator()]
+  assert got == [hist[s:e] for s, e in expected]
+  assert len(got) == 1 + math.ceil(max(n - max_len, 0) / stride)
+
+
+def test_truncation_train_and_eval():
+  hist = list(range(1, 9))
+  train = pp.truncate_or_window(_train_ds([hist]), max_len=5)
+  assert list(next(train.as_numpy_iterator())["item_ids"]) == [4, 5, 6, 7, 8]
+  ev = _train_ds([hist]).map(lambda ex: dict(ex, target=tf.constant(9)))
+  ev = pp.truncate_or_window(ev, {"item_ids": 5})
+  ev = pp.bert4rec_inputs(ev, num_items=NUM_ITEMS)
+  ex = next(pp.pad_or_pack(ev, max_len=5).as_numpy_iterator())
+  np.testing.assert_array_equal(ex["item_ids"], [5, 6, 7, 8, MASK])
+  np.testing.assert_array_equal(ex["targets"], [0, 0, 0, 0, 9])
+  np.testing.assert_array_equal(ex["loss_weights"], [0, 0, 0, 0, 1])
+
+
+def test_resolve_length_rejects_mismatch():
+  assert pp.resolve_length({"item_ids": 7}, 50) == 7
+  assert pp.resolve_length(None, 50) == 50
+  with pytest.raises(ValueError, match="targets"):
+    pp.resolve_length({"item_ids": 7, "targets": 6}, 50)
+
+
+def _numpy_pack(examples, length):
+  """Reference greedy first-fit-in-order packer."""
+  rows, cur = [], []
+  for ex in examples:
+    if cur and sum(len(e[0]) for e in cur) + len(ex[0]) > length:
+      rows.append(cur)
+      cur = []
+    cur.append(ex)
+  if cur:
+    rows.append(cur)
+  out = []
+  for row in rows:
+    r = {k: np.zeros(length, np.float32 if k == "loss_weights" else np.int32)
+         for k in pp.PACKED_FEATURES}
+    pos = 0
+    for seg, (ids, tg, w) in enumerate(row, start=1):
+      n = len(ids)
+      r["item_ids"][pos:pos + n] = ids
+      r["targets"][pos:pos + n] = tg
+      r["loss_weights"][pos:pos + n] = w
+      r["segment_ids"][pos:pos + n] = seg
+      r["positions"][pos:pos + n] = np.arange(n)
+      pos += n
+    out.append(r)
+  return out
+
+
+def _masked_examples_ds(examples):
+  def gen():
+    for ids, tg, w in examples:
+      yield {"item_ids": np.asarray(ids, np.int32),
+             "targets": np.asarray(tg, np.int32),
+             "loss_weights": np.asarray(w, np.float32),
+             "user_id": b"x"}
+  return tf.data.Dataset.from_generator(gen, output_signature={
+      "item_ids": tf.TensorSpec([None], tf.int32),
+      "targets": tf.TensorSpec([None], tf.int32),
+      "loss_weights": tf.TensorSpec([None], tf.float32),
+      "user_id": tf.TensorSpec([], tf.string)})
+
+
+def test_packing_hand_case():
+  ex = [([1, 2, 3], [0, 2, 0], [0, 1, 0]),
+        ([4, 5, 6, 7], [4, 0, 0, 0], [1, 0, 0, 0]),
+        ([8, 9], [0, 9], [0, 1]),
+        ([10, 11, 12, 13, 14], [0, 0, 0, 0, 14], [0, 0, 0, 0, 1])]
+  rows = list(pp.pad_or_pack(_masked_examples_ds(ex), max_len=8,
+                             packing=True).as_numpy_iterator())
+  assert len(rows) == 2
+  np.testing.assert_array_equal(rows[0]["item_ids"], [1, 2, 3, 4, 5, 6, 7, 0])
+  np.testing.assert_array_equal(rows[0]["segment_ids"],
+                                [1, 1, 1, 2, 2, 2, 2, 0])
+  np.testing.assert_array_equal(rows[0]["positions"], [0, 1, 2, 0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(rows[1]["item_ids"],
+                                [8, 9, 10, 11, 12, 13, 14, 0])
+  np.testing.assert_array_equal(rows[1]["targets"], [0, 9, 0, 0, 0, 0, 14, 0])
+  np.testing.assert_array_equal(rows[1]["segment_ids"],
+                                [1, 1, 2, 2, 2, 2, 2, 0])
+  assert set(rows[0]) == set(pp.PACKED_FEATURES)
+
+
+def test_packing_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  ex = []
+  for _ in range(60):
+    n = int(rng.integers(1, 13))
+    ids = rng.integers(1, 50, n)
+    w = (rng.random(n) < 0.3).astype(np.float32)
+    ex.append((ids, np.where(w > 0, ids, 0), w))
+  got = list(pp.pack_examples(_masked_examples_ds(ex), 12).as_numpy_iterator())
+  want = _numpy_pack(ex, 12)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    for k in pp.PACKED_FEATURES:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def test_eval_ignores_packing_and_pads():
+  ev = _train_ds([[1, 2]]).map(lambda ex: dict(ex, target=tf.constant(3)))
+  ev = pp.bert4rec_inputs(pp.truncate_or_window(ev, max_len=4),
+                          num_items=NUM_ITEMS)
+  ex = next(pp.pad_or_pack(ev, max_len=4, packing=True).as_numpy_iterator())
+  np.testing.assert_array_equal(ex["item_ids"], [1, 2, MASK, 0])
+  assert "segment_ids" not in ex
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("text"))
+  titles = ["red running shoe", "blue cotton shirt", "green wool hat",
+            "black leather belt", "white canvas bag", "red wool scarf"]
+  items = {str(i + 1): prepared.ItemMeta(
+      item_id=str(i + 1), title=t, brand="acme", categories=["clothing"])
+           for i, t in enumerate(titles)}
+  users = [prepared.UserRecord(
+      user_id=f"u{i}", item_ids=[str(1 + (i + j) % 6) for j in range(4)],
+      critiques=["", "something warmer", "", "in red wool"])
+           for i in range(4)]
+  prepared.write_prepared(d, users=users, items=items, text_vocab_size=60)
+  return d
+
+
+def test_item_text_tokens_decode_back(text_dir):
+  data = prepared.PreparedDataset(text_dir)
+  vocab = seqio.SentencePieceVocabulary(data.text_vocab_path)
+  tokens = pp.item_text_tokens(text_dir, max_tokens=64)
+  texts = pp.item_texts(text_dir)
+  assert tokens.shape == (data.num_items + 2, 64) and tokens.dtype == np.int32
+  assert not tokens[0].any() and not tokens[-1].any()
+  for j, item in enumerate(data.items(), start=1):
+    assert texts[j] == prepared.item_text(item)
+    assert pp.decode_tokens(vocab, tokens[j]) == texts[j]
+    n = int((tokens[j] > 0).sum())
+    assert tokens[j, n - 1] == vocab.eos_id
+  short = pp.item_text_tokens(text_dir, max_tokens=4)
+  assert (short[1:-1, -1] == vocab.eos_id).all()
+  np.testing.assert_array_equal(short[1:-1, :3], tokens[1:-1, :3])
+
+
+def test_critique_tokens_decode_back(text_dir):
+  data = prepared.PreparedDataset(text_dir)
+  vocab = seqio.SentencePieceVocabulary(data.text_vocab_path)
+  source = sources.PreparedSequenceSource(text_dir)
+  ds = source.get_dataset("test", shuffle=False)
+  ds = pp.tokenize_texts(
+      ds, vocabulary=vocab, max_tokens=16,
+      features={"critiques": "critique_tokens",
+                "target_critique": "target_critique_tokens"})
+  ex = next(ds.as_numpy_iterator())
+  assert ex["critique_tokens"].shape == (3, 16)
+  assert not ex["critique_tokens"][0].any()  # "" stays all padding
+  assert pp.decode_tokens(vocab, ex["critique_tokens"][1]) == "something warmer"
+  assert pp.decode_tokens(vocab, ex["target_critique_tokens"]) == (
+      "in red wool")
