@@ -134,12 +134,25 @@ def _texts_sha256(texts: Sequence[str]) -> str:
   return h.hexdigest()
 
 
-def make_encode_fn(encoder: TextEncoder, pooling: str, mesh: jax.sharding.Mesh,
-                   out_dtype: str):
-  """Jitted `(params, ids, mask) -> (hidden, pooled)` sharded over 'data'."""
+# Jitted encode functions by (encoder, config, pooling, devices), so
+# repeated builds in one process (resume, several caches) compile once.
+_ENCODE_FNS: Dict[tuple, Callable] = {}
+
+
+def make_encode_fn(encoder: TextEncoder, pooling: str,
+                   mesh: jax.sharding.Mesh):
+  """Jitted `(params, ids, mask) -> (hidden, pooled)` (float32, on 'data')."""
+  key = (encoder.name, json.dumps(encoder.config, sort_keys=True), pooling,
+         tuple(d.id for d in mesh.devices.flat))
+  if key not in _ENCODE_FNS:
+    _ENCODE_FNS[key] = _make_encode_fn(encoder, pooling, mesh)
+  return _ENCODE_FNS[key]
+
+
+def _make_encode_fn(encoder: TextEncoder, pooling: str,
+                    mesh: jax.sharding.Mesh):
   batch = partitioning.batch_sharding(mesh)
   repl = partitioning.replicated(mesh)
-  dtype = jnp.dtype(out_dtype)
 
   def encode(params, ids, mask):
     hidden = encoder.apply(params, ids, mask).astype(jnp.float32)
@@ -149,7 +162,7 @@ def make_encode_fn(encoder: TextEncoder, pooling: str, mesh: jax.sharding.Mesh,
     if pooling == "mean_l2":
       norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
       pooled = pooled / jnp.maximum(norm, 1e-12)
-    return hidden.astype(dtype), pooled.astype(dtype)
+    return hidden, pooled
 
   return jax.jit(encode, in_shardings=(repl, batch, batch),
                  out_shardings=(batch, batch))
@@ -223,7 +236,7 @@ def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
 
   mesh = partitioning.make_mesh(1, devices)
   params = jax.device_put(enc.params, partitioning.replicated(mesh))
-  encode = make_encode_fn(enc, pooling, mesh, dtype)
+  encode = make_encode_fn(enc, pooling, mesh)
   batch_sharding = partitioning.batch_sharding(mesh)
 
   def tokenize(chunk):
@@ -252,8 +265,11 @@ def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
                                 jax.device_put(bm, batch_sharding))))
     if k + 1 < len(pending):
       next_inputs = tokenize(pending[k + 1])
-    hidden = np.concatenate([np.asarray(h)[:r] for r, (h, _) in outs])
-    pooled = np.concatenate([np.asarray(p)[:r] for r, (_, p) in outs])
+    # Cast on the host: one compiled function serves every storage dtype.
+    hidden = np.concatenate([np.asarray(h)[:r] for r, (h, _) in outs]
+                            ).astype(dtype)
+    pooled = np.concatenate([np.asarray(p)[:r] for r, (_, p) in outs]
+                            ).astype(dtype)
     if dtype == "float16" and not (np.isfinite(hidden).all()
                                    and np.isfinite(pooled).all()):
       raise ValueError(f"chunk {chunk}: encodings overflow float16; rerun "

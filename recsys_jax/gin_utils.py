@@ -3,6 +3,7 @@
 `--gin.NAME=VALUE` is shorthand for `--gin_bindings='NAME = VALUE'` (t5x).
 """
 
+import logging
 import os
 import re
 import sys
@@ -15,6 +16,32 @@ REPO_GIN_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
+def _system_path_file_exists(config_path: str) -> bool:
+  """gin's package-resource check, minus its crash on namespace packages."""
+  import importlib.util  # pylint: disable=g-import-not-at-top,unused-import
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  # (gin calls importlib.util without importing it.)
+  try:
+    return resource_reader.system_path_file_exists(config_path)
+  except TypeError:
+    # 'runs/train.gin' with a `runs/` directory (the default MODEL_DIR parent)
+    # in the working directory: `runs` imports as a namespace package whose
+    # origin is None, and gin raises instead of trying the next search path.
+    return False
+
+
+def _patch_gin_file_readers():
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  gin_config._FILE_READERS[:] = [  # pylint: disable=protected-access
+      (reader, _system_path_file_exists
+       if exists is resource_reader.system_path_file_exists else exists)
+      for reader, exists in gin_config._FILE_READERS]  # pylint: disable=protected-access
+
+
+_patch_gin_file_readers()
+
+
 def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
   """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE`."""
   out = []
@@ -24,6 +51,14 @@ def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
   return out
 
 
+class _QuietSearch(logging.Filter):
+  """gin logs an error for every search-path miss while resolving includes."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith(("Path not found",
+                                           "system_path_file_exists"))
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               gin_search_paths: Optional[Sequence[str]] = None,
               finalize: bool = True):
@@ -31,6 +66,10 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   paths = list(gin_search_paths or []) + [os.getcwd(), REPO_GIN_DIR]
   for p in paths:
     gin.add_config_file_search_path(p)
+  quiet = _QuietSearch()
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(quiet)
+  logging.getLogger().addFilter(quiet)
   if not gin_files:
     raise ValueError("no --gin_file given; e.g. --gin_file=gin/quickstart.gin")
   try:

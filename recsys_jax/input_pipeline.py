@@ -6,6 +6,8 @@ rows of each global batch; the trainer assembles global arrays.
 """
 
 import functools
+import queue
+import threading
 from typing import Dict, Iterator, Optional
 
 import jax
@@ -57,10 +59,10 @@ class SequenceData:
                     ) -> Iterator[Dict[str, np.ndarray]]:
     """This process's train batches for steps start_step, start_step+1, ..."""
     features = TRAIN_FEATURES + (PACKED_EXTRA if self.packing else ())
-    return feature_converters.train_batches(
+    return prefetch_in_thread(feature_converters.train_batches(
         self.name, local_batch_size, seed=self.seed,
         shard_info=self.shard_info(), start_step=start_step,
-        features=list(features))
+        features=list(features)))
 
   def eval_batches(self, split: str, global_batch_size: int
                    ) -> Iterator[Dict[str, np.ndarray]]:
@@ -76,6 +78,49 @@ class SequenceData:
   def train_item_counts(self) -> np.ndarray:
     """[N] interaction counts in the train split (all but the last two)."""
     return train_item_counts(self.data_dir)
+
+
+_END = object()
+
+
+def prefetch_in_thread(iterator: Iterator, size: int = 16) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead.
+
+  The train stream rebuilds its tf.data pipeline at every epoch boundary
+  (deterministic per-epoch order); doing that ahead of time keeps the
+  accelerator busy. Exceptions are re-raised in the consumer.
+  """
+  q: "queue.Queue" = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterator:
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.5)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      q.put(_END)
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True,
+                            name="train-batch-prefetch")
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is _END:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
 
 
 @functools.lru_cache(maxsize=8)

@@ -36,7 +36,7 @@ _DTYPES = ("float16", "float32")
 
 
 class CacheMismatchError(ValueError):
-  """An existing cache was built with a different encoder/checkpoint/vocab/..."""
+  """An existing cache was built differently (encoder, checkpoint, vocab...)."""
 
 
 def _array_specs(m: Mapping[str, Any]) -> Dict[str, Tuple[tuple, str]]:

@@ -17,9 +17,11 @@ from recsys_jax.models import bert4rec
 
 N = 20
 MASK = N + 1
-CFG = bert4rec.Bert4RecConfig(num_items=N, max_len=8, hidden=16, num_layers=2,
-                              num_heads=2, mlp_dim=32, dropout_rate=0.1,
-                              attention_dropout_rate=0.1)
+# One small config for every test here (compiles dominate the run time);
+# dropout is tested in test_bert4rec.py.
+CFG = bert4rec.Bert4RecConfig(num_items=N, max_len=8, hidden=32, num_layers=1,
+                              num_heads=2, mlp_dim=64, dropout_rate=0.0,
+                              attention_dropout_rate=0.0)
 LOG_POP = np.log(np.linspace(1.0, 3.0, N) / np.linspace(1.0, 3.0, N).sum())
 
 # Three rows; row 2 has three masked positions, row 1 one, row 0 two.
@@ -107,9 +109,9 @@ def test_in_batch_loss_matches_numpy(params):
   model = make_model(loss="in_batch", item_log_popularity=LOG_POP)
   (_, aux), grads = value_and_grad(model)(params, BATCH, None)
   module = bert4rec.Bert4Rec(CFG)
-  q = np.asarray(module.apply({"params": params},
-                              module.apply({"params": params}, ITEM_IDS),
-                              method=bert4rec.Bert4Rec.output_query))
+  q = np.asarray(jax.jit(lambda p: module.apply(
+      {"params": p}, module.apply({"params": p}, ITEM_IDS),
+      method=bert4rec.Bert4Rec.output_query))(params))
   table = np.asarray(params["item_embed"]["embedding"], np.float64)
   bias = np.asarray(params["output_bias"], np.float64)
   rows, cols = np.nonzero(TARGETS)
@@ -145,26 +147,32 @@ def test_sampled_losses_have_finite_gradients(params, loss):
 
 def test_score_fn_and_export(params, all_logits):
   model = make_model()
-  eval_ids = np.array([[1, 2, 3, MASK, 0, 0, 0, 0],
-                       [5, 6, 7, 8, 9, 10, 11, MASK]], np.int32)
-  batch = {"item_ids": eval_ids, "targets": np.where(eval_ids == MASK, 4, 0)}
-  scores = np.asarray(jax.jit(model.score_fn)(params, batch))
-  assert scores.shape == (2, N) and scores.dtype == np.float32
-  module = bert4rec.Bert4Rec(CFG)
-  ref = np.asarray(module.apply({"params": params}, eval_ids,
-                                method=bert4rec.Bert4Rec.all_logits))
-  np.testing.assert_allclose(scores[0], ref[0, 3, 1:N + 1], rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(scores[1], ref[1, 7, 1:N + 1], rtol=1e-5,
-                             atol=1e-5)
-  full = np.asarray(model.item_scores_from_hidden(
-      params, model.hidden_at_mask(params, batch)))
-  assert full.shape == (2, CFG.padded_vocab)
+  eval_ids = ITEM_IDS.copy()
+  eval_ids[eval_ids == MASK] = 4
+  mask_pos = np.array([3, 7, 0])
+  eval_ids[np.arange(3), mask_pos] = MASK
+  batch = {"item_ids": eval_ids}
+
+  @jax.jit
+  def everything(params, batch):
+    full = model.item_scores_from_hidden(params,
+                                         model.hidden_at_mask(params, batch))
+    logits = model.module.apply({"params": params}, batch["item_ids"],
+                                method=bert4rec.Bert4Rec.all_logits)
+    return (model.score_fn(params, batch), full, logits,
+            model.query_at_mask(params, batch), model.item_embeddings(params),
+            model.item_bias(params))
+
+  scores, full, ref, q, emb, bias = map(np.asarray, everything(params, batch))
+  assert scores.shape == (3, N) and scores.dtype == np.float32
+  np.testing.assert_allclose(scores, ref[np.arange(3), mask_pos, 1:N + 1],
+                             rtol=1e-5, atol=1e-5)
+  assert full.shape == (3, CFG.padded_vocab)
   np.testing.assert_allclose(full[:, 1:N + 1], scores, rtol=1e-5, atol=1e-5)
-  emb = np.asarray(model.item_embeddings(params))
-  bias = np.asarray(model.item_bias(params))
+  assert np.all(full[:, 0] <= -1e8) and np.all(full[:, N + 1:] <= -1e8)
   assert emb.shape == (N, CFG.hidden) and bias.shape == (N,)
-  q = np.asarray(model.query_at_mask(params, batch))
+  np.testing.assert_allclose(
+      emb, np.asarray(params["item_embed"]["embedding"])[1:N + 1])
   np.testing.assert_allclose(q @ emb.T + bias, scores, rtol=1e-4, atol=1e-4)
 
 
@@ -192,42 +200,44 @@ def toy_batch(gen, batch, length, num_items, mask_prob=0.25):
           "loss_weights": masked.astype(np.float32)}
 
 
-def test_learns_next_equals_prev_plus_one():
-  n, length = 30, 10
-  cfg = bert4rec.Bert4RecConfig(num_items=n, max_len=length, hidden=32,
-                                num_layers=2, num_heads=2, mlp_dim=64,
-                                dropout_rate=0.0, attention_dropout_rate=0.0)
-  model = model_lib.Bert4RecModel(cfg, max_predictions=6)
-  params = nn.meta.unbox(jax.jit(model.get_initial_variables)(
-      jax.random.PRNGKey(0)))["params"]
-  tx = optax.adam(3e-3)
+def test_learns_next_equals_prev_plus_one(params):
+  model = make_model(max_predictions=4)
+  steps = 500
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 5e-3, 30, steps))
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, batch, rng):
+  def step(params, opt_state, batch):
     (_, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-        params, batch, rng)
+        params, batch, None)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, aux
 
   gen = np.random.default_rng(0)
-  for i in range(300):
-    batch = toy_batch(gen, 32, length, n)
+  first_acc = None
+  for _ in range(steps):
+    batch = toy_batch(gen, 64, CFG.max_len, N)
     w = batch["loss_weights"]
-    w[w.cumsum(1) > 6] = 0  # the pipeline's cap on predictions per row
-    params, opt_state, aux = step(params, opt_state, batch,
-                                  jax.random.PRNGKey(i))
-  train_acc = float(aux["correct_sum"] / aux["weight_sum"])
-  assert train_acc > 0.9, train_acc
+    w[w.cumsum(1) > 4] = 0  # the pipeline's cap on predictions per row
+    params, opt_state, aux = step(params, opt_state, batch)
+    if first_acc is None:
+      first_acc = float(aux["correct_sum"] / aux["weight_sum"])
+  assert first_acc < 0.3, first_acc
 
   # Next-item prediction in the evaluation format: [MASK] at the end.
-  start = np.arange(n)[:, None]
-  items = (start + np.arange(length)) % n + 1
+  items = (np.arange(N)[:, None] + np.arange(CFG.max_len)) % N + 1
   eval_ids = items.copy()
-  eval_ids[:, -1] = n + 1
+  eval_ids[:, -1] = MASK
   scores = np.asarray(jax.jit(model.score_fn)(params, {"item_ids": eval_ids}))
   hit1 = np.mean(scores.argmax(1) + 1 == items[:, -1])
-  assert hit1 > 0.9, hit1
+  assert hit1 >= 0.9, hit1
+  # And the cloze accuracy on fresh batches.
+  batch = toy_batch(np.random.default_rng(1), 64, CFG.max_len, N)
+  w = batch["loss_weights"]
+  w[w.cumsum(1) > 4] = 0
+  _, _, aux = step(params, opt_state, batch)
+  acc = float(aux["correct_sum"] / aux["weight_sum"])
+  assert acc > 0.9, acc
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

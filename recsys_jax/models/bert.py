@@ -109,7 +109,8 @@ class BertEmbeddings(nn.Module):
                inputs_embeds: Optional[Array] = None,
                enable_dropout: bool = False) -> Array:
     cfg = self.config
-    length = tokens.shape[1] if inputs_embeds is None else inputs_embeds.shape[1]
+    shape = tokens.shape if inputs_embeds is None else inputs_embeds.shape
+    length = shape[1]
     if length > cfg.max_position_embeddings:
       raise ValueError(f"sequence length {length} exceeds "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -165,8 +166,10 @@ class BertLayer(nn.Module):
         probs, deterministic=deterministic)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     ctx = ctx.reshape(b, l, h)
-    attn = _dense(h, ("joined_kv", "embed"), self.dtype, "attention_output")(ctx)
-    attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
+    attn = _dense(h, ("joined_kv", "embed"), self.dtype,
+                  "attention_output")(ctx)
+    attn = nn.Dropout(cfg.hidden_dropout_prob)(attn,
+                                               deterministic=deterministic)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "attention_norm")(x + attn)
 
     y = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype,

@@ -70,6 +70,31 @@ def make_attention_mask(valid: Array,
   return mask
 
 
+class DenseGeneral(nn.Module):
+  """Contracts the last `num_in_axes` axes of x with a `[*in, *features]` kernel.
+
+  Unlike `nn.DenseGeneral` the kernel is created in its real shape (not
+  flattened), so its logical-axis constraint applies to the right rank.
+  """
+  features: Tuple[int, ...]
+  num_in_axes: int
+  kernel_axes: Tuple[str, ...]
+  bias_axes: Tuple[str, ...]
+  dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
+                        in_shape + tuple(self.features), jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, self.bias_axes),
+                      tuple(self.features), jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
+                      axes=self.num_in_axes)
+    return y + bias.astype(self.dtype)
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention; q/k/v ('embed','heads','kv'), out ('heads','kv','embed').
 
@@ -94,12 +119,10 @@ class MultiHeadSelfAttention(nn.Module):
     head_dim = features // self.num_heads
 
     def proj(name):
-      return nn.DenseGeneral(
-          features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
-          param_dtype=jnp.float32,
-          kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
-          bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
-          name=name)
+      return DenseGeneral((self.num_heads, head_dim), num_in_axes=1,
+                          kernel_axes=("embed", "heads", "kv"),
+                          bias_axes=("heads", "kv"), dtype=self.dtype,
+                          kernel_init=self.kernel_init, name=name)
 
     q = proj("query")(x)  # [B, L, H, D]
     k = proj("key")(x)
@@ -112,12 +135,10 @@ class MultiHeadSelfAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    return nn.DenseGeneral(
-        features=features, axis=(-2, -1), dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=logical(nn.initializers.zeros, ("embed",)),
-        name="out")(out)
+    return DenseGeneral((features,), num_in_axes=2,
+                        kernel_axes=("heads", "kv", "embed"),
+                        bias_axes=("embed",), dtype=self.dtype,
+                        kernel_init=self.kernel_init, name="out")(out)
 
 
 class Mlp(nn.Module):

@@ -334,11 +334,11 @@ def encoder_params(params: Mapping[str, Any]) -> dict:
 
 
 def init_params(config: T5Config, rng: Array, *, encoder_only: bool = False):
-  """Boxed (logically partitioned) float32 params from dummy shapes."""
+  """Boxed (logically partitioned) float32 params, initialised under jit."""
   tokens = jnp.ones((1, 2), jnp.int32)
-  if encoder_only:
-    return T5Encoder(config).init(rng, tokens)["params"]
-  return T5(config).init(rng, tokens, tokens)["params"]
+  model = T5Encoder(config) if encoder_only else T5(config)
+  args = (tokens,) if encoder_only else (tokens, tokens)
+  return jax.jit(lambda r: model.init(r, *args)["params"])(rng)
 
 
 def make_decoding_fns(model: T5, params, encoded: Array,

@@ -4,16 +4,18 @@ Our tasks already emit the model's features (docs/FEATURES.md), so the
 "conversion" is selecting them, batching, padding the last evaluation batch
 and making the train stream resumable.
 
-Resuming (the choice made here): the train stream is a deterministic
-sequence of epochs. Epoch e is `task.get_dataset(split, shuffle=True,
-seed=epoch_seed(seed, e, shard), num_epochs=1)` batched with
-`drop_remainder=True`, so both its order and its masks are fixed by (seed,
-e, shard). `batches(..., start_step=S)` skips whole epochs by counting their
-batches (one counting pass, reused: the count does not depend on e unless
-the task packs, where each skipped epoch is counted) and then skips the
-remaining batches inside the epoch. It yields exactly batches S, S + 1, ...
-of an uninterrupted iterator; no iterator state needs checkpointing, only the
-step. The trainer passes `start_step` = the restored step.
+Resuming (the choice made here): no iterator state is checkpointed, only
+the step. The train stream is a deterministic sequence of chunks of K epochs;
+chunk c is `task.get_dataset(split, shuffle=True, seed=chunk_seed(seed, c,
+shard), num_epochs=K, try_in_mem_cache=False)` batched with
+`drop_remainder=True`, so its order (the source reshuffles every epoch) and
+its masks are fixed by (seed, c, shard). K defaults to enough epochs for
+~100k examples, so small datasets do not rebuild the pipeline every few
+steps. `batches(..., start_step=S)` skips whole chunks by arithmetic (their
+batch count is K * examples_per_epoch // batch_size, counted once on the
+source; packed tasks count each skipped chunk by running it) and then
+`ds.skip`s the rest inside the chunk, so it yields exactly batches S, S + 1,
+... of an uninterrupted iterator. The trainer passes the restored step.
 """
 
 import itertools
@@ -24,21 +26,34 @@ import seqio
 import tensorflow as tf
 
 from recsys_jax.seqio_ext import preprocessors
+from recsys_jax.seqio_ext import sources
 
 VALID = "valid"
 
-_EPOCH_BATCH_COUNTS: Dict[tuple, int] = {}
+MIN_CHUNK_EXAMPLES = 100_000
+
+_MEMO: Dict[tuple, int] = {}
 
 
-def epoch_seed(seed: int, epoch: int,
+def _memo(key: tuple, fn) -> int:
+  if key not in _MEMO:
+    _MEMO[key] = fn()
+  return _MEMO[key]
+
+
+def _shard_key(shard_info: Optional[seqio.ShardInfo]):
+  return (shard_info.index, shard_info.num_shards) if shard_info else None
+
+
+def chunk_seed(seed: int, chunk: int,
                shard_info: Optional[seqio.ShardInfo] = None) -> int:
-  """Well-separated 31-bit seed of one (seed, epoch, shard).
+  """Well-separated 31-bit seed of one (seed, chunk, shard).
 
-  SeqIO derives map seeds as seed, seed + 1, ...; hashing keeps epochs (and
+  SeqIO derives map seeds as seed, seed + 1, ...; hashing keeps chunks (and
   hosts) from sharing random streams.
   """
   shard = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-  state = np.random.SeedSequence([int(seed), int(epoch), *shard])
+  state = np.random.SeedSequence([int(seed), int(chunk), *shard])
   return int(state.generate_state(1)[0] & 0x7FFFFFFF)
 
 
@@ -91,65 +106,124 @@ def _count_batches(ds: tf.data.Dataset) -> int:
   return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
 
 
+def examples_per_epoch(task, split: str = "train", sequence_length=None,
+                       shard_info: Optional[seqio.ShardInfo] = None) -> int:
+  """Examples (rows, for packed tasks) one epoch of this shard yields.
+
+  For our SequenceTasks without packing it is counted on the source (plus
+  the window count), which is much cheaper than running the masking.
+  """
+  config = getattr(task, "config", None)
+  source = getattr(task, "source", None)
+  if (config and not config.get("packing")
+      and isinstance(source, sources.PreparedSequenceSource)):
+    ds = source.get_dataset(split, shuffle=False, shard_info=shard_info)
+    length = preprocessors.resolve_length(sequence_length, config["max_len"])
+    stride = config.get("sliding_window_stride")
+    if split == "train" and stride:
+      def windows(ex):
+        extra = tf.maximum(tf.shape(ex[preprocessors.ITEM_IDS])[0] - length, 0)
+        return tf.cast(1 + (extra + stride - 1) // stride, tf.int64)
+      ds = ds.map(windows)
+    else:
+      ds = ds.map(lambda ex: tf.constant(1, tf.int64))
+    return int(ds.reduce(np.int64(0), lambda a, b: a + b).numpy())
+  ds = task.get_dataset(sequence_length=sequence_length, split=split,
+                        shuffle=False, shard_info=shard_info, num_epochs=1,
+                        try_in_mem_cache=False)
+  return _count_batches(ds)
+
+
 def train_batches(task, batch_size: int, *, split: str = "train",
                   sequence_length=None, seed: int = 0,
                   shard_info: Optional[seqio.ShardInfo] = None,
                   start_step: int = 0, num_epochs: Optional[int] = None,
                   shuffle: bool = True, drop_remainder: bool = True,
-                  features: Optional[Sequence[str]] = None
+                  features: Optional[Sequence[str]] = None,
+                  epochs_per_chunk: Optional[int] = None,
+                  min_chunk_examples: int = MIN_CHUNK_EXAMPLES
                   ) -> Iterator[Dict[str, np.ndarray]]:
-  """Deterministic, resumable train batches of a task (see module doc)."""
-  task = _get_task(task)
+  """Deterministic, resumable train batches of a task (see module doc).
 
-  def epoch_ds(e):
+  Args:
+    task: task name or seqio Task.
+    batch_size: rows per batch of this shard.
+    sequence_length: SeqIO lengths (None: the task's max_len).
+    seed: the stream's seed; chunk c uses `chunk_seed(seed, c, shard_info)`.
+    shard_info: this host's shard.
+    start_step: index of the first batch yielded.
+    num_epochs: None for an endless stream.
+    shuffle, drop_remainder: as in tf.data.
+    features: keys kept (default: the model features present).
+    epochs_per_chunk: K epochs per `get_dataset` call; default
+      ceil(min_chunk_examples / examples per epoch) so small datasets do not
+      rebuild the pipeline every few steps. Must not change between a run
+      and its resumption.
+  """
+  task = _get_task(task)
+  if epochs_per_chunk is None:
+    per_epoch = _memo(("examples", task.name, split, str(sequence_length),
+                       _shard_key(shard_info)),
+                      lambda: examples_per_epoch(task, split, sequence_length,
+                                                 shard_info))
+    epochs_per_chunk = max(1, -(-min_chunk_examples // max(per_epoch, 1)))
+  k = int(epochs_per_chunk)
+  num_chunks = None if num_epochs is None else -(-num_epochs // k)
+
+  def chunk_epochs(c):
+    return k if num_epochs is None else min(k, num_epochs - c * k)
+
+  def chunk_ds(c):
     ds = task.get_dataset(sequence_length=sequence_length, split=split,
                           shuffle=shuffle,
-                          seed=epoch_seed(seed, e, shard_info),
-                          shard_info=shard_info, num_epochs=1)
+                          seed=chunk_seed(seed, c, shard_info),
+                          shard_info=shard_info, num_epochs=chunk_epochs(c),
+                          try_in_mem_cache=False)
     keys = features or _default_features(ds.element_spec, split)
     return _select(ds, keys).batch(batch_size, drop_remainder=drop_remainder)
 
-  first = epoch_ds(0)
+  first = chunk_ds(0)
   packed = preprocessors.SEGMENT_IDS in first.element_spec
-  key = (task.name, split, str(sequence_length), seed, shuffle,
-         (shard_info.index, shard_info.num_shards) if shard_info else None,
-         batch_size, drop_remainder, tuple(features or ()))
 
-  def count(e):
-    if packed:  # rows per epoch depend on the epoch's order
-      return _count_batches(epoch_ds(e))
-    if key not in _EPOCH_BATCH_COUNTS:
-      _EPOCH_BATCH_COUNTS[key] = _count_batches(epoch_ds(e))
-    return _EPOCH_BATCH_COUNTS[key]
+  def count(c):
+    """Batches of chunk c."""
+    if packed:  # rows depend on the chunk's order: count them
+      return _count_batches(chunk_ds(c))
+    per_epoch = _memo(("examples", task.name, split, str(sequence_length),
+                       _shard_key(shard_info)),
+                      lambda: examples_per_epoch(task, split, sequence_length,
+                                                 shard_info))
+    n = chunk_epochs(c) * per_epoch
+    return n // batch_size if drop_remainder else -(-n // batch_size)
 
-  epoch, skip = 0, int(start_step)
+  chunk, skip = 0, int(start_step)
   while skip > 0:
-    if num_epochs is not None and epoch >= num_epochs:
+    if num_chunks is not None and chunk >= num_chunks:
       return
-    n = count(epoch)
+    n = count(chunk)
     if n == 0:
       raise ValueError(
           f"task {task.name!r} split {split!r} gives no batch of "
-          f"{batch_size} per epoch on this shard (drop_remainder="
+          f"{batch_size} per chunk on this shard (drop_remainder="
           f"{drop_remainder}); lower the batch size")
     if skip < n:
       break
     skip -= n
-    epoch += 1
-  epochs = (itertools.count(epoch) if num_epochs is None
-            else range(epoch, num_epochs))
-  for e in epochs:
-    ds = first if e == 0 else epoch_ds(e)
+    chunk += 1
+  chunks = (itertools.count(chunk) if num_chunks is None
+            else range(chunk, num_chunks))
+  for c in chunks:
+    ds = first if c == 0 else chunk_ds(c)
     if skip:
       ds, skip = ds.skip(skip), 0
     empty = True
     for batch in ds.as_numpy_iterator():
       empty = False
       yield batch
-    if empty and num_epochs is None:
+    if empty and num_chunks is None:
       raise ValueError(
           f"task {task.name!r} split {split!r} gives no batch of "
-          f"{batch_size} per epoch on this shard; lower the batch size")
+          f"{batch_size} per chunk on this shard; lower the batch size")
 
 
 def eval_batches(task_or_dataset, split: str, batch_size: int, *,
@@ -197,7 +271,8 @@ def batches(task_or_dataset: Any, split: str, batch_size: int, *,
             start_step: int = 0, num_epochs: Optional[int] = None,
             drop_remainder: Optional[bool] = None,
             features: Optional[Sequence[str]] = None,
-            extra_features: Sequence[str] = ()
+            extra_features: Sequence[str] = (),
+            epochs_per_chunk: Optional[int] = None
             ) -> Iterator[Dict[str, np.ndarray]]:
   """Numpy batch dicts of a task (name or object) or a tf.data.Dataset.
 
@@ -220,6 +295,7 @@ def batches(task_or_dataset: Any, split: str, batch_size: int, *,
     features: keys to keep; default the model features present
       (item_ids, targets, loss_weights, segment_ids, positions).
     extra_features: further keys to keep (e.g. 'user_id').
+    epochs_per_chunk: see `train_batches`.
   """
   is_train = split == "train"
   keys = None
@@ -260,4 +336,4 @@ def batches(task_or_dataset: Any, split: str, batch_size: int, *,
       seed=seed, shard_info=shard_info, start_step=start_step,
       num_epochs=num_epochs, shuffle=True if shuffle is None else shuffle,
       drop_remainder=True if drop_remainder is None else drop_remainder,
-      features=keys)
+      features=keys, epochs_per_chunk=epochs_per_chunk)

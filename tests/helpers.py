@@ -1,0 +1,274 @@
+"""Shared test helpers: one tiny prepared dataset, entry points in subprocesses.
+
+Fixtures here are imported by the test modules that use them; the dataset and
+the reference training run are cached per process, so a pytest session makes
+each once however many modules ask for it.
+"""
+
+import atexit
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+# Sizes every CLI test shares: a ~10k-parameter Bert4Rec on 150 items.
+TINY_MODEL_FLAGS = (
+    "--gin_file=gin/quickstart.gin",
+    "--gin.MAX_LEN=20",
+    "--gin.builders.bert4rec.hidden=16",
+    "--gin.builders.bert4rec.mlp_dim=32",
+    "--gin.evaluation.EvalConfig.batch_size=64",
+)
+
+# The reference run: enough checkpoints that a killed run can resume from one
+# that is neither the first nor the last. Constant learning rate so that a few
+# steps visibly move the parameters (checkpoints of different steps differ).
+REF_STEPS = 40
+REF_CHECKPOINT_EVERY = 4
+REF_KEEP = 3
+REF_BATCH_SIZE = 16
+
+_PROGRESS = re.compile(r"^step (\d+)/(\d+) \| ", re.M)
+
+
+def _tmp_root() -> str:
+  root = tempfile.mkdtemp(prefix="recsys_jax_tests_")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  return root
+
+
+@functools.lru_cache(maxsize=None)
+def _session_tmp() -> str:
+  return _tmp_root()
+
+
+@functools.lru_cache(maxsize=None)
+def prepared_dataset() -> str:
+  """A tiny synthetic prepared dataset (200 users, 150 items), made once."""
+  from recsys_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  out = os.path.join(_session_tmp(), "tiny_synthetic")
+  synthetic.generate(out, **synthetic.TINY)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> str:
+  return prepared_dataset()
+
+
+def subprocess_env(xla_devices: Optional[int] = None,
+                   extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+  """The caller's environment with the repo importable and JAX on CPU."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(
+      [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                     if p])
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  # One XLA compilation cache per session: the many short runs of the same
+  # tiny model compile once (same executables, so results are unchanged).
+  env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_session_tmp(), "xla_cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  if xla_devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={xla_devices}"
+  env.update(extra or {})
+  return env
+
+
+@dataclasses.dataclass
+class Result:
+  rc: int
+  stdout: str
+  stderr: str
+
+  def check(self) -> "Result":
+    assert self.rc == 0, (f"exit {self.rc}\n--- stdout\n{self.stdout[-4000:]}"
+                          f"\n--- stderr\n{self.stderr[-6000:]}")
+    return self
+
+
+def run_entry(module: str, args: Sequence[str], *, cwd: str = REPO_ROOT,
+              env: Optional[Dict[str, str]] = None,
+              timeout: float = 900) -> Result:
+  """Runs `python -m <module> args...` to completion."""
+  proc = subprocess.run([PYTHON, "-m", module, *args], cwd=cwd,
+                        env=env or subprocess_env(), capture_output=True,
+                        text=True, timeout=timeout)
+  return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_script(code: str, args: Sequence[str] = (), *, cwd: str = REPO_ROOT,
+               env: Optional[Dict[str, str]] = None,
+               timeout: float = 900) -> Result:
+  """Runs `python -c code args...` to completion."""
+  proc = subprocess.run([PYTHON, "-c", code, *args], cwd=cwd,
+                        env=env or subprocess_env(), capture_output=True,
+                        text=True, timeout=timeout)
+  return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+class Background:
+  """`python -m module args` in the background, output in files to poll."""
+
+  def __init__(self, module: str, args: Sequence[str], log_dir: str, *,
+               cwd: str = REPO_ROOT, env: Optional[Dict[str, str]] = None):
+    os.makedirs(log_dir, exist_ok=True)
+    self._out_path = os.path.join(log_dir, "stdout.txt")
+    self._err_path = os.path.join(log_dir, "stderr.txt")
+    self._out = open(self._out_path, "w")
+    self._err = open(self._err_path, "w")
+    self.proc = subprocess.Popen([PYTHON, "-m", module, *args], cwd=cwd,
+                                 env=env or subprocess_env(),
+                                 stdout=self._out, stderr=self._err)
+
+  def stdout(self) -> str:
+    with open(self._out_path) as f:
+      return f.read()
+
+  def stderr(self) -> str:
+    with open(self._err_path) as f:
+      return f.read()
+
+  def wait_for(self, predicate, what: str, timeout: float = 600,
+               poll: float = 0.02):
+    """Polls `predicate()` until true; fails if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if predicate():
+        return
+      if self.proc.poll() is not None:
+        if predicate():
+          return
+        pytest.fail(f"process exited ({self.proc.returncode}) before {what}"
+                    f"\n--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n"
+                    f"{self.stderr()[-5000:]}")
+      time.sleep(poll)
+    self.kill()
+    pytest.fail(f"timed out waiting for {what}\n--- stdout\n"
+                f"{self.stdout()[-3000:]}")
+
+  def wait(self, timeout: float = 600) -> Result:
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise
+    self._out.close()
+    self._err.close()
+    return Result(rc, self.stdout(), self.stderr())
+
+  def kill(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+
+def train_flags(data_dir: str, model_dir: str, *, steps: int = REF_STEPS,
+                checkpoint_every: int = REF_CHECKPOINT_EVERY,
+                keep: int = REF_KEEP, batch_size: int = REF_BATCH_SIZE,
+                log_every: int = 1, extra: Sequence[str] = ()) -> List[str]:
+  """Flags of a tiny `recsys_jax.train` run."""
+  return list(TINY_MODEL_FLAGS) + [
+      f"--gin.DATA_DIR='{data_dir}'",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f"--gin.TRAIN_STEPS={steps}",
+      f"--gin.BATCH_SIZE={batch_size}",
+      f"--gin.trainer.TrainLoopConfig.log_every={log_every}",
+      f"--gin.trainer.TrainLoopConfig.checkpoint_every={checkpoint_every}",
+      f"--gin.trainer.TrainLoopConfig.keep_checkpoints={keep}",
+      "--gin.trainer.OptimizerConfig.warmup_steps=0",
+      "--gin.trainer.OptimizerConfig.decay='constant'",
+  ] + list(extra)
+
+
+def model_flags(data_dir: str, model_dir: str,
+                extra: Sequence[str] = ()) -> List[str]:
+  """Flags of `recsys_jax.eval` / `recsys_jax.export` for the tiny model."""
+  return list(TINY_MODEL_FLAGS) + [f"--gin.DATA_DIR='{data_dir}'",
+                                   f"--gin.MODEL_DIR='{model_dir}'"
+                                   ] + list(extra)
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+  model_dir: str
+  result: Result
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run() -> ReferenceRun:
+  """The uninterrupted tiny training run (REF_STEPS steps), made once."""
+  model_dir = os.path.join(_session_tmp(), "reference_run")
+  res = run_entry("recsys_jax.train",
+                  train_flags(prepared_dataset(), model_dir)).check()
+  return ReferenceRun(model_dir, res)
+
+
+@pytest.fixture(scope="session")
+def reference() -> ReferenceRun:
+  return reference_run()
+
+
+# -- reading run directories -------------------------------------------------
+
+
+def checkpoint_steps(model_dir: str) -> List[int]:
+  """Steps of the finalised `checkpoint_<step>` directories."""
+  if not os.path.isdir(model_dir):
+    return []
+  return sorted(int(m.group(1)) for m in
+                (re.fullmatch(r"checkpoint_(\d+)", n)
+                 for n in os.listdir(model_dir)) if m)
+
+
+def checkpoint_meta(model_dir: str, step: int) -> dict:
+  with open(os.path.join(model_dir, f"checkpoint_{step}", "meta",
+                         "metadata")) as f:
+    return json.load(f)
+
+
+def restore_state(model_dir: str, step: int) -> dict:
+  """The saved TrainState of a checkpoint as a nested dict of numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(model_dir), f"checkpoint_{step}",
+                      "state")
+  with warnings.catch_warnings():
+    # "Sharding info not provided": fine, tests restore on the saving host.
+    warnings.simplefilter("ignore", UserWarning)
+    tree = ocp.PyTreeCheckpointer().restore(path)
+  return jax.tree.map(np.asarray, tree)
+
+
+def flat(tree) -> Dict[str, np.ndarray]:
+  """{'/a/b/c': array} for a nested dict / pytree of arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def assert_trees_equal(a, b, what: str = ""):
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys(), f"{what}: different leaves"
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=f"{what}{k}")
+
+
+def progress_steps(stdout: str) -> List[int]:
+  return [int(m.group(1)) for m in _PROGRESS.finditer(stdout)]
