@@ -134,7 +134,7 @@ class Evaluator:
       model_batch["negatives"] = negatives
       global_batch = partitioning.host_to_global(model_batch, self.mesh)
       negs = global_batch.pop("negatives")
-      with partitioning.with_rules(self.rules):
+      with partitioning.with_rules(self.rules, self.mesh):
         ranks = rank_fn(params, global_batch, negs)
       acc.add(_local_rows(ranks), valid=valid)
     return acc.merge_across_processes().result()

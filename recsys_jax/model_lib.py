@@ -121,7 +121,7 @@ class SequenceRecModel:
 
   def loss_fn(self, params, batch: Batch,
               dropout_rng: Optional[Array]) -> Tuple[Array, Dict[str, Array]]:
-    """Masked-item loss; returns (loss, {'loss_sum','weight_sum','correct_sum'}).
+    """Masked-item loss: (loss, {'loss_sum', 'weight_sum', 'correct_sum'}).
 
     Logits are computed only at the (at most `max_predictions`) weighted
     positions of each row. For the sampled losses `correct_sum` counts

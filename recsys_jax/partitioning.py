@@ -4,6 +4,7 @@ Modules name their axes logically (`vocab`, `embed`, `mlp`, ...); the mapping
 to the physical mesh axes (`data`, `model`) is a rule table chosen in gin.
 """
 
+import contextlib
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -130,9 +131,19 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
           for k, v in local_batch.items()}
 
 
-def with_rules(rules: LogicalRules):
-  """Context manager making logical constraints inside modules resolve."""
-  return nn.logical_axis_rules(list(rules))
+@contextlib.contextmanager
+def with_rules(rules: LogicalRules, mesh: Optional[Mesh] = None):
+  """Makes logical constraints inside modules resolve (and bind to `mesh`).
+
+  `nn.with_logical_constraint` is only enforced when both the rules and a
+  mesh are active; without a mesh it is a no-op (fine for shape-only work).
+  """
+  with nn.logical_axis_rules(list(rules)):
+    if mesh is None:
+      yield
+    else:
+      with jax.set_mesh(mesh):
+        yield
 
 
 class MeshConfig:

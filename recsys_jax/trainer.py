@@ -94,7 +94,7 @@ def init_state(model, tx, rng, mesh, rules, init_batch_size: int = 2):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params))
 
-  with partitioning.with_rules(rules):
+  with partitioning.with_rules(rules, mesh):
     abstract_boxed = jax.eval_shape(init_fn, rng)
     shardings = partitioning.abstract_shardings(abstract_boxed, mesh, rules)
     state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)),
@@ -263,16 +263,17 @@ def train_loop(
         raise ValueError(f"input pipeline gave {rows} rows; expected the "
                          f"per-process batch {local_bs}")
       batch = partitioning.host_to_global(local, mesh)
-      with partitioning.with_rules(rules):
+      with partitioning.with_rules(rules, mesh):
         state, metrics = step_fn(state, batch, step_rng)
       step += 1
       window.add(metrics)
       if not math.isfinite(window.last["loss"]):
+        good = ckpt.latest_step()
+        good = (f"the last good checkpoint is {model_dir}/checkpoint_{good}"
+                if good is not None else f"no checkpoint in {model_dir} yet")
         raise NonFiniteLossError(
-            f"loss is {window.last['loss']} at step {step}; stopping. The last"
-            f" good checkpoint stays in {model_dir} (step "
-            f"{ckpt.latest_step()}). Lower the learning rate or check the "
-            "input.")
+            f"loss is {window.last['loss']} at step {step}; stopping ({good})."
+            " Lower the learning rate or check the input.")
       last = step == cfg.train_steps
       if step % cfg.log_every == 0 or last:
         now = time.time()

@@ -31,8 +31,9 @@ TINY_MODEL_FLAGS = (
     "--gin.MAX_LEN=20",
     "--gin.builders.bert4rec.hidden=16",
     "--gin.builders.bert4rec.mlp_dim=32",
-    "--gin.evaluation.EvalConfig.batch_size=64",
 )
+# Only train and eval include runs/evaluation.gin (export does not).
+EVAL_FLAGS = ("--gin.evaluation.EvalConfig.batch_size=64",)
 
 # The reference run: enough checkpoints that a killed run can resume from one
 # that is neither the first nor the last. Constant learning rate so that a few
@@ -184,7 +185,7 @@ def train_flags(data_dir: str, model_dir: str, *, steps: int = REF_STEPS,
                 keep: int = REF_KEEP, batch_size: int = REF_BATCH_SIZE,
                 log_every: int = 1, extra: Sequence[str] = ()) -> List[str]:
   """Flags of a tiny `recsys_jax.train` run."""
-  return list(TINY_MODEL_FLAGS) + [
+  return list(TINY_MODEL_FLAGS + EVAL_FLAGS) + [
       f"--gin.DATA_DIR='{data_dir}'",
       f"--gin.MODEL_DIR='{model_dir}'",
       f"--gin.TRAIN_STEPS={steps}",
@@ -197,12 +198,12 @@ def train_flags(data_dir: str, model_dir: str, *, steps: int = REF_STEPS,
   ] + list(extra)
 
 
-def model_flags(data_dir: str, model_dir: str,
-                extra: Sequence[str] = ()) -> List[str]:
-  """Flags of `recsys_jax.eval` / `recsys_jax.export` for the tiny model."""
-  return list(TINY_MODEL_FLAGS) + [f"--gin.DATA_DIR='{data_dir}'",
-                                   f"--gin.MODEL_DIR='{model_dir}'"
-                                   ] + list(extra)
+def model_flags(data_dir: str, model_dir: str, extra: Sequence[str] = (), *,
+                evaluation: bool = True) -> List[str]:
+  """Flags of `recsys_jax.eval` (or export: evaluation=False), tiny model."""
+  flags = TINY_MODEL_FLAGS + (EVAL_FLAGS if evaluation else ())
+  return list(flags) + [f"--gin.DATA_DIR='{data_dir}'",
+                        f"--gin.MODEL_DIR='{model_dir}'"] + list(extra)
 
 
 @dataclasses.dataclass

@@ -145,6 +145,23 @@ def test_tiny_random_bert_matches_transformers(tiny_hf):
   assert np.abs(out0 - out).max() > 1e-3  # token types do matter
 
 
+def test_inputs_embeds_and_bfloat16(tiny_hf):
+  path, _ = tiny_hf
+  config, params = bert_import.load_hf_bert(path)
+  ids, mask, _ = _inputs(seed=5)
+  out = bert.BertEncoder(config).apply({"params": params}, ids, mask)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  via_embeds = bert.BertEncoder(config).apply(
+      {"params": params}, ids, mask, inputs_embeds=jnp.asarray(table)[ids])
+  np.testing.assert_allclose(np.asarray(via_embeds), np.asarray(out),
+                             atol=1e-6)
+  half = bert.BertEncoder(config, dtype=jnp.bfloat16).apply(
+      {"params": params}, ids, mask)
+  assert half.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(half, np.float32) - np.asarray(out))
+  assert 0 < err.max() < 0.15  # bf16 rounding only, same function
+
+
 def test_prefixed_checkpoint_with_heads(tmp_path):
   """BertForMaskedLM keys carry 'bert.' and 'cls.*' heads (ignored)."""
   torch.manual_seed(1)

@@ -197,11 +197,19 @@ def test_dropout_and_errors(params, apply):
 
 def test_bfloat16_and_post_layer_norm(params, apply):
   ids = np.array([[1, 2, 21, 4, 5, 0, 0, 0]])
-  f32 = np.asarray(apply({"params": params}, ids))
+  f32 = np.asarray(apply({"params": params}, ids,
+                         method=bert4rec.Bert4Rec.all_logits))
   bf16_cfg = bert4rec.Bert4RecConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
-  h = jitted(bert4rec.Bert4Rec(bf16_cfg))({"params": params}, ids)
+  bf16 = bert4rec.Bert4Rec(bf16_cfg)
+  h = jax.eval_shape(lambda p: bf16.apply({"params": p}, ids), params)
   assert h.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(h, np.float32), f32, atol=0.1)
+  logits = jitted(bf16)({"params": params}, ids,
+                        method=bert4rec.Bert4Rec.all_logits)
+  assert logits.dtype == jnp.float32  # loss-side math stays float32
+  valid = np.asarray(bert4rec.valid_item_mask(CFG))
+  np.testing.assert_array_equal(np.asarray(logits)[..., ~valid], -1e9)
+  np.testing.assert_allclose(np.asarray(logits)[..., valid], f32[..., valid],
+                             atol=0.05)
   post_cfg = bert4rec.Bert4RecConfig(**{**CFG.__dict__,
                                         "pre_layer_norm": False})
   post_params = jax.eval_shape(

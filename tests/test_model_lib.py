@@ -7,10 +7,10 @@ import textwrap
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from recsys_jax import model_lib
 from recsys_jax.models import bert4rec
@@ -74,8 +74,7 @@ def test_initial_variables_are_boxed(boxed):
                         for x in leaves)
   specs = nn.get_partition_spec(jax.eval_shape(
       make_model().get_initial_variables, jax.random.PRNGKey(0)))
-  assert specs["params"]["item_embed"]["embedding"] == jax.sharding.PartitionSpec(
-      "vocab", "embed")
+  assert specs["params"]["item_embed"]["embedding"] == P("vocab", "embed")
 
 
 def test_full_loss_matches_numpy_and_gather_path(params, all_logits):
@@ -263,8 +262,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
              "loss_weights": masked.astype(np.float32)}
     rng = jax.random.PRNGKey(0)
     params = nn.meta.unbox(jax.jit(model.get_initial_variables)(rng))["params"]
-    ref_loss, ref_aux = jax.jit(model.loss_fn)(params, batch, None)
-    ref_scores = jax.jit(model.score_fn)(params, batch)
+    def loss_and_scores(params, batch):
+      return model.loss_fn(params, batch, None), model.score_fn(params, batch)
+    (ref_loss, ref_aux), ref_scores = jax.jit(loss_and_scores)(params, batch)
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
       abstract = jax.eval_shape(model.get_initial_variables, rng)["params"]
       shardings = nn.logical_to_mesh_sharding(
@@ -272,8 +272,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
       sharded = jax.device_put(params, shardings)
       emb = sharded["item_embed"]["embedding"]
       assert emb.sharding.spec == P("model", None), emb.sharding.spec
-      loss, aux = jax.jit(model.loss_fn)(sharded, batch, None)
-      scores = jax.jit(model.score_fn)(sharded, batch)
+      (loss, aux), scores = jax.jit(loss_and_scores)(sharded, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(aux["correct_sum"], ref_aux["correct_sum"])
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)

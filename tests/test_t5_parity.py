@@ -1,4 +1,4 @@
-"""Parity of `models.t5` + `checkpoint_import.t5` with Hugging Face (torch fp32).
+"""Parity of `models.t5` + `checkpoint_import.t5` with HF transformers (fp32).
 
 Tiny random HF models are built from config objects (no download), saved with
 `save_pretrained`, imported, and compared on encoder outputs, decoder logits

@@ -40,9 +40,8 @@ def _attention_rules(ours: str, theirs: str) -> Dict[str, common.Source]:
 
 def _mlp_rules(ours: str, theirs: str, gated: bool) -> Dict[str, common.Source]:
   names = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
-  return {f"{ours}/{n}/kernel": common.Source(f"{theirs}.DenseReluDense.{n}.weight",
-                                              common.transpose)
-          for n in names}
+  return {f"{ours}/{n}/kernel": common.Source(
+      f"{theirs}.DenseReluDense.{n}.weight", common.transpose) for n in names}
 
 
 def hf_t5_mapping(config: T5Config, *, encoder_only: bool = False,
@@ -209,7 +208,8 @@ def main(argv: Optional[list] = None) -> int:
   out = save_as_orbax(params, config, args.output_dir)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"wrote {n:,} parameters ({config.num_encoder_layers}+"
-        f"{config.num_decoder_layers} layers, d_model={config.d_model}) to {out}")
+        f"{config.num_decoder_layers} layers, d_model={config.d_model}) to "
+        f"{out}")
   return 0
 
 

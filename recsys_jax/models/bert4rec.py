@@ -167,12 +167,13 @@ class Bert4Rec(nn.Module):
     return self.transform_norm(h)
 
   def logits(self, hidden: Array) -> Array:
-    """Tied output `[..., E] -> [..., padded_vocab]`; non-items get -1e9."""
+    """Tied output `[..., E] -> [..., padded_vocab]` float32; non-items -1e9."""
     query = self.output_query(hidden)
-    logits = self.item_embed.attend(query)
-    logits = logits + self.output_bias.astype(logits.dtype)
+    # The matmul runs in the compute dtype; bias, mask and softmax in float32.
+    logits = self.item_embed.attend(query).astype(jnp.float32)
+    logits = logits + self.output_bias
     return jnp.where(valid_item_mask(self.config), logits,
-                     layers.large_negative(logits.dtype))
+                     layers.large_negative(jnp.float32))
 
   def all_logits(self, item_ids: Array, **kwargs) -> Array:
     """Logits at every position `[B, L, padded_vocab]` (init and tests)."""

@@ -71,7 +71,7 @@ def make_attention_mask(valid: Array,
 
 
 class DenseGeneral(nn.Module):
-  """Contracts the last `num_in_axes` axes of x with a `[*in, *features]` kernel.
+  """Contracts x's last `num_in_axes` axes with a `[*in, *features]` kernel.
 
   Unlike `nn.DenseGeneral` the kernel is created in its real shape (not
   flattened), so its logical-axis constraint applies to the right rank.
@@ -96,7 +96,9 @@ class DenseGeneral(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-  """Multi-head self-attention; q/k/v ('embed','heads','kv'), out ('heads','kv','embed').
+  """Multi-head self-attention (bidirectional, masked).
+
+  Kernels: q/k/v ('embed', 'heads', 'kv'), out ('heads', 'kv', 'embed').
 
   Attributes:
     num_heads: number of heads; the head size is `features // num_heads`.

@@ -22,6 +22,7 @@ checkpoints onto it):
 """
 
 import dataclasses
+import functools
 import json
 from typing import Any, Mapping, Optional
 
@@ -199,7 +200,8 @@ class T5Config:
 
 def _check_tokens(name: str, tokens: Array):
   if tokens.ndim != 2:
-    raise ValueError(f"{name} must be [batch, length], got shape {tokens.shape}")
+    raise ValueError(
+        f"{name} must be [batch, length], got shape {tokens.shape}")
 
 
 class T5Encoder(nn.Module):
@@ -226,9 +228,10 @@ def _encode(module, tokens, mask, inputs_embeds, enable_dropout):
   if inputs_embeds is not None:
     if tokens is not None:
       raise ValueError("pass encoder_input_tokens or inputs_embeds, not both")
-    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != module.config.d_model:
+    d_model = module.config.d_model
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != d_model:
       raise ValueError(f"inputs_embeds must be [batch, length, "
-                       f"{module.config.d_model}], got {inputs_embeds.shape}")
+                       f"{d_model}], got {inputs_embeds.shape}")
     x = inputs_embeds.astype(module.config.compute_dtype)
     if mask is None:
       mask = jnp.ones(x.shape[:2], bool)
@@ -328,7 +331,8 @@ def encoder_params(params: Mapping[str, Any]) -> dict:
   """The `T5Encoder` subtree of full `T5` params."""
   missing = [k for k in ("token_embedder", "encoder") if k not in params]
   if missing:
-    raise KeyError(f"params lack {missing}; got top-level keys {sorted(params)}")
+    raise KeyError(
+        f"params lack {missing}; got top-level keys {sorted(params)}")
   return {"token_embedder": params["token_embedder"],
           "encoder": params["encoder"]}
 
@@ -373,12 +377,14 @@ def make_decoding_fns(model: T5, params, encoded: Array,
   return tokens_to_logits, init_cache
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len",
+                                             "num_beams", "alpha", "eos_id"))
 def generate(model: T5, params, encoder_input_tokens: Optional[Array], *,
              max_decode_len: int, num_beams: int = 1, alpha: float = 0.6,
              encoder_mask: Optional[Array] = None,
              inputs_embeds: Optional[Array] = None,
              eos_id: int = EOS_ID) -> decoding.BeamResult:
-  """Greedy (`num_beams=1`) or beam-search generation with a KV cache.
+  """Greedy (`num_beams=1`) or beam-search generation with a KV cache (jitted).
 
   Returns:
     `BeamResult(tokens [B, num_beams, max_decode_len], scores [B, num_beams])`

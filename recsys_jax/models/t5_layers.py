@@ -140,7 +140,7 @@ class RelativePositionBiases(nn.Module):
   @nn.compact
   def __call__(self, query_positions: Array, key_positions: Array, *,
                bidirectional: bool) -> Array:
-    """Bias `[B|1, heads, Q, K]` (float32) for positions `[B|1, Q]`, `[B|1, K]`."""
+    """Bias `[B|1, heads, Q, K]` (fp32) for positions `[B|1, Q]`, `[B|1, K]`."""
     table = self.param("rel_embedding", _normal(self.init_std, ("heads", None)),
                        (self.num_heads, self.num_buckets), jnp.float32)
     rel = key_positions[:, None, :] - query_positions[:, :, None]

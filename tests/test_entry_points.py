@@ -1,0 +1,170 @@
+"""The gin entry points end to end: train -> eval -> export -> eval(export).
+
+All share one tiny training run (tests/helpers.reference_run: 40 steps,
+checkpoint every 4, keep 3) and one tiny synthetic dataset.
+"""
+
+import glob
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tests import helpers
+from tests.helpers import reference  # pylint: disable=unused-import
+from tests.helpers import tiny_data  # pylint: disable=unused-import
+
+NUM_USERS = 200
+NUM_ITEMS = 150
+HIDDEN = 16
+SPLITS = ("validation", "test", "validation_popularity", "test_popularity")
+
+_PROGRESS_LINE = re.compile(
+    r"^step (\d+)/(\d+) \| loss (\d+\.\d+) \| masked acc (\d\.\d+) \| "
+    r"grad norm (\d+\.\d+) \| lr (\S+) \| (\d+\.\d+) steps/s \| "
+    r"(\d+) seq/s \| ETA (?:\d+h)?\d+m\d\ds$")
+
+
+def _eval(tiny_data, model_dir, *extra):
+  return helpers.run_entry("recsys_jax.eval",
+                           helpers.model_flags(tiny_data, model_dir, extra))
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def eval_latest(tiny_data, reference):
+  res = _eval(tiny_data, reference.model_dir).check()
+  path = os.path.join(reference.model_dir, "eval", "eval_step40.json")
+  assert os.path.exists(path), res.stdout
+  return res, _read_json(path)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_data, reference):
+  res = helpers.run_entry(
+      "recsys_jax.export",
+      helpers.model_flags(tiny_data, reference.model_dir,
+                          evaluation=False)).check()
+  out = os.path.join(reference.model_dir, "export")
+  assert f"Exported step 40 to {out}" in res.stdout, res.stdout
+  return out
+
+
+def test_train_writes_checkpoints_config_and_events(reference):
+  model_dir = reference.model_dir
+  # keep_checkpoints=3 of the saves at 4, 8, ..., 40 (the last is always kept).
+  assert helpers.checkpoint_steps(model_dir) == [32, 36, 40]
+  for step in (32, 36, 40):
+    assert helpers.checkpoint_meta(model_dir, step)["input_position"] == step
+  with open(os.path.join(model_dir, "config.gin")) as f:
+    config = f.read()
+  # The operative config: values actually used, command-line overrides won.
+  assert re.search(r"^TRAIN_STEPS = 40$", config, re.M), config
+  assert re.search(r"^MODEL_DIR = '.*reference_run'$", config, re.M), config
+  assert re.search(r"builders\.bert4rec\.hidden = 16$", config, re.M), config
+  assert re.search(r"TrainLoopConfig\.checkpoint_every = 4$", config, re.M)
+  events = glob.glob(os.path.join(model_dir, "events.out.tfevents.*"))
+  assert events
+  blob = b""
+  for path in events:
+    with open(path, "rb") as f:
+      blob += f.read()
+  assert b"train/loss" in blob and b"train/masked_accuracy" in blob
+
+
+def test_progress_lines(reference):
+  out = reference.result.stdout
+  lines = [l for l in out.splitlines() if l.startswith("step ")]
+  assert len(lines) == 40  # log_every=1
+  for i, line in enumerate(lines, start=1):
+    m = _PROGRESS_LINE.match(line)
+    assert m, f"bad progress line: {line!r}"
+    assert int(m.group(1)) == i and int(m.group(2)) == 40
+    assert math.isfinite(float(m.group(3))) and 0 <= float(m.group(4)) <= 1
+    steps_per_s, seq_per_s = float(m.group(7)), int(m.group(8))
+    # seq/s is steps/s times the global batch (16), rounded.
+    assert abs(seq_per_s - steps_per_s * 16) <= 1 + 1e-3 * seq_per_s, line
+  assert lines[-1].endswith("ETA 0m00s")
+  # The parameter count printed is the size of what was checkpointed.
+  m = re.search(r"^Parameters: ([\d,]+);", out, re.M)
+  assert m, out
+  params = helpers.restore_state(reference.model_dir, 40)["params"]
+  assert int(m.group(1).replace(",", "")) == sum(
+      v.size for v in helpers.flat(params).values())
+
+
+def test_eval_latest_writes_all_metrics(eval_latest):
+  res, results = eval_latest
+  assert results["step"] == 40
+  for split in SPLITS:
+    r = results[split]
+    assert r["protocol"] == "full_ranking", split
+    assert r["num_users"] == NUM_USERS, split
+    for k in (1, 5, 10, 20):
+      assert 0.0 <= r[f"NDCG@{k}"] <= r[f"HR@{k}"] <= 1.0, (split, k)
+    assert r["HR@1"] <= r["HR@5"] <= r["HR@10"] <= r["HR@20"]
+    # HR@1 counts rank-1 hits, each contributing 1 to MRR; others less.
+    assert r["HR@1"] <= r["MRR"] <= r["HR@20"] + (1 - r["HR@20"]) / 21 + 1e-9
+    assert f"[eval step 40] {split} (full_ranking, {NUM_USERS} users)" in (
+        res.stdout)
+
+
+def test_eval_of_an_older_checkpoint(tiny_data, reference, eval_latest):
+  res = _eval(tiny_data, reference.model_dir,
+              "--gin.CHECKPOINT_STEP=32").check()
+  assert "[eval step 32]" in res.stdout
+  older = _read_json(os.path.join(reference.model_dir, "eval",
+                                  "eval_step32.json"))
+  assert older["step"] == 32
+  # Different parameters were evaluated (the popularity baseline is not
+  # model-dependent and must not change).
+  latest = eval_latest[1]
+  assert older["test_popularity"] == latest["test_popularity"]
+  assert (older["validation"]["MRR"], older["test"]["MRR"]) != (
+      latest["validation"]["MRR"], latest["test"]["MRR"])
+
+
+def test_eval_of_a_missing_step_lists_available_steps(tiny_data, reference):
+  res = _eval(tiny_data, reference.model_dir, "--gin.CHECKPOINT_STEP=33")
+  assert res.rc != 0
+  assert "checkpoint_33 does not exist" in res.stderr, res.stderr[-3000:]
+  assert "available steps: [32, 36, 40]" in res.stderr, res.stderr[-3000:]
+  assert not os.path.exists(os.path.join(reference.model_dir, "eval",
+                                         "eval_step33.json"))
+
+
+def test_export_writes_params_embeddings_and_manifest(reference, export_dir):
+  manifest = _read_json(os.path.join(export_dir, "export.json"))
+  assert manifest["step"] == 40 and manifest["num_items"] == NUM_ITEMS
+  assert manifest["embedding_shape"] == [NUM_ITEMS, HIDDEN]
+  assert os.path.isdir(os.path.join(export_dir, "params"))
+  assert os.path.exists(os.path.join(export_dir, "config.gin"))
+  emb = np.load(os.path.join(export_dir, "item_embeddings.npy"))
+  bias = np.load(os.path.join(export_dir, "item_bias.npy"))
+  assert emb.shape == (NUM_ITEMS, HIDDEN) and bias.shape == (NUM_ITEMS,)
+  # Rows 1..N of the trained item table (row 0 is padding).
+  params = helpers.restore_state(reference.model_dir, 40)["params"]
+  np.testing.assert_array_equal(
+      emb, params["item_embed"]["embedding"][1:NUM_ITEMS + 1])
+  np.testing.assert_array_equal(bias, params["output_bias"][1:NUM_ITEMS + 1])
+  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  helpers.assert_trees_equal(
+      checkpoints.restore_params(os.path.join(export_dir, "params")), params,
+      "exported params")
+
+
+def test_eval_of_export_equals_eval_of_checkpoint(tiny_data, reference,
+                                                  eval_latest, export_dir):
+  res = _eval(tiny_data, reference.model_dir,
+              f"--gin.EXPORTED_DIR='{export_dir}'").check()
+  exported = _read_json(os.path.join(reference.model_dir, "eval",
+                                     "eval_exported_step40.json"))
+  assert exported == eval_latest[1]
+  assert "[eval step 40] test" in res.stdout

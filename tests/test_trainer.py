@@ -1,0 +1,348 @@
+"""Robustness of the training loop: resume, preemption, NaN, sharding.
+
+In-process tests drive `trainer.train_loop` with a least-squares fake model
+(the wrapper API of model_lib.py); the others run `python -m recsys_jax.train`
+on the tiny synthetic dataset and compare against one uninterrupted reference
+run (tests/helpers.py).
+"""
+
+import itertools
+import json
+import os
+import re
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recsys_jax import partitioning
+from recsys_jax import trainer
+from tests import helpers
+from tests.helpers import reference  # pylint: disable=unused-import
+from tests.helpers import tiny_data  # pylint: disable=unused-import
+
+# -- a fake model for the in-process tests -----------------------------------
+
+_BATCH = 4
+_TRUE_W = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+
+
+class _LinearModel:
+  """Least squares on 4 features with the wrapper API (get_initial_variables,
+  loss_fn); a NaN in the batch makes the loss NaN."""
+
+  def get_initial_variables(self, rng, batch_size=2):
+    del batch_size
+    return {"params": {"w": jax.random.normal(rng, (4,)) * 0.1,
+                       "b": jnp.zeros(())}}
+
+  def loss_fn(self, params, batch, rng):
+    del rng
+    err = batch["x"] @ params["w"] + params["b"] - batch["y"]
+    loss_sum = jnp.sum(err ** 2)
+    n = jnp.asarray(err.shape[0], jnp.float32)
+    correct = jnp.sum((jnp.abs(err) < 0.5).astype(jnp.float32))
+    return loss_sum / n, {"loss_sum": loss_sum, "weight_sum": n,
+                          "correct_sum": correct}
+
+
+class _SimulatedCrash(Exception):
+  pass
+
+
+def _batches(*, nan_at=None, crash_at=None, sigterm_at=None, starts=None):
+  """`batches(start)` of the fake model; events fire while making the batch
+  of (1-based) step `*_at`."""
+
+  def batches(start):
+    if starts is not None:
+      starts.append(start)
+    for i in itertools.count(start):
+      step = i + 1
+      g = np.random.default_rng(i)
+      x = g.normal(size=(_BATCH, 4)).astype(np.float32)
+      y = (x @ _TRUE_W).astype(np.float32)
+      if step == crash_at:
+        raise _SimulatedCrash(f"crash before step {step}")
+      if step == nan_at:
+        x[0, 0] = np.nan
+      if step == sigterm_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield {"x": x, "y": y}
+
+  return batches
+
+
+def _fake_train(model_dir, batches, *, steps=7, checkpoint_every=3):
+  mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
+  cfg = trainer.TrainLoopConfig(train_steps=steps, batch_size=_BATCH,
+                                log_every=1, checkpoint_every=checkpoint_every,
+                                keep_checkpoints=None)
+  opt = trainer.OptimizerConfig(learning_rate=0.05, warmup_steps=0,
+                                decay="constant")
+  return trainer.train_loop(_LinearModel(), opt, batches, cfg,
+                            model_dir=str(model_dir), mesh=mesh,
+                            rules=partitioning.get_rules("data_parallel"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The fake model trained 7 steps without incident (checkpoints 3, 6, 7)."""
+  model_dir = tmp_path_factory.mktemp("uninterrupted")
+  _fake_train(model_dir, _batches())
+  assert helpers.checkpoint_steps(model_dir) == [3, 6, 7]
+  return model_dir
+
+
+def _assert_same_final_state(model_dir, reference_dir, step):
+  helpers.assert_trees_equal(helpers.restore_state(model_dir, step),
+                             helpers.restore_state(reference_dir, step),
+                             f"checkpoint_{step}")
+
+
+def test_nonfinite_loss_stops_before_checkpointing(tmp_path):
+  before = signal.getsignal(signal.SIGTERM)
+  # Step 6 is a checkpoint step: the NaN state must not be saved there.
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    _fake_train(tmp_path, _batches(nan_at=6))
+  msg = str(err.value)
+  assert re.search(r"\bat step 6\b", msg), msg
+  assert f"{tmp_path}/checkpoint_3" in msg, msg
+  assert helpers.checkpoint_steps(tmp_path) == [3]
+  assert helpers.checkpoint_meta(tmp_path, 3)["input_position"] == 3
+  # The loop cleaned up after itself.
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_nonfinite_loss_at_first_step_says_no_checkpoint(tmp_path):
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    _fake_train(tmp_path, _batches(nan_at=1))
+  msg = str(err.value)
+  assert re.search(r"\bat step 1\b", msg), msg
+  assert "no checkpoint" in msg and "None" not in msg, msg
+  assert helpers.checkpoint_steps(tmp_path) == []
+
+
+def test_crash_then_resume_equals_uninterrupted(tmp_path, uninterrupted,
+                                                capsys):
+  with pytest.raises(_SimulatedCrash):
+    _fake_train(tmp_path, _batches(crash_at=5))
+  assert helpers.checkpoint_steps(tmp_path) == [3]
+  capsys.readouterr()
+  starts = []
+  state = _fake_train(tmp_path, _batches(starts=starts))
+  # The input pipeline is asked for exactly the batches not yet trained on.
+  assert starts == [3]
+  assert "Resuming from checkpoint_3" in capsys.readouterr().out
+  assert int(state.step) == 7
+  assert helpers.checkpoint_steps(tmp_path) == [3, 6, 7]
+  for step in (6, 7):
+    assert helpers.checkpoint_meta(tmp_path, step)["input_position"] == step
+    _assert_same_final_state(tmp_path, uninterrupted, step)
+
+
+def test_resume_rejects_checkpoint_with_wrong_input_position(tmp_path):
+  _fake_train(tmp_path, _batches(), steps=3)
+  path = os.path.join(tmp_path, "checkpoint_3", "meta", "metadata")
+  with open(path) as f:
+    meta = json.load(f)
+  meta["input_position"] = 2
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(RuntimeError, match="input position"):
+    _fake_train(tmp_path, _batches(), steps=6)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="the SIGTERM handler needs the main thread")
+def test_sigterm_in_process_saves_current_step_and_resumes(
+    tmp_path, uninterrupted, capsys):
+  before = signal.getsignal(signal.SIGTERM)
+  state = _fake_train(tmp_path, _batches(sigterm_at=2))
+  out = capsys.readouterr().out
+  # The step being prepared when the signal came is finished and saved.
+  assert int(state.step) == 2
+  assert "SIGTERM: saved checkpoint_2" in out
+  assert helpers.checkpoint_steps(tmp_path) == [2]
+  assert helpers.checkpoint_meta(tmp_path, 2)["input_position"] == 2
+  assert signal.getsignal(signal.SIGTERM) is before
+  starts = []
+  _fake_train(tmp_path, _batches(starts=starts))
+  assert starts == [2]
+  _assert_same_final_state(tmp_path, uninterrupted, 7)
+
+
+# -- the real trainer in subprocesses ----------------------------------------
+
+
+def _assert_matches_reference(model_dir, reference_dir):
+  steps = helpers.checkpoint_steps(reference_dir)
+  assert steps == [32, 36, 40]
+  assert helpers.checkpoint_steps(model_dir) == steps
+  for step in steps:
+    meta = helpers.checkpoint_meta(model_dir, step)
+    assert meta["input_position"] == step and meta["step"] == step
+    _assert_same_final_state(model_dir, reference_dir, step)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_data, reference,
+                                                  tmp_path):
+  model_dir = str(tmp_path / "run")
+  flags = helpers.train_flags(tiny_data, model_dir)
+  first = helpers.Background("recsys_jax.train", flags, str(tmp_path / "log"))
+  first.wait_for(
+      lambda: any(0 < s < helpers.REF_STEPS
+                  for s in helpers.checkpoint_steps(model_dir)),
+      "a checkpoint before the last step")
+  finished_early = first.proc.poll() is not None
+  first.proc.send_signal(signal.SIGKILL)
+  killed = first.wait()
+  assert not finished_early and killed.rc == -signal.SIGKILL, (
+      "the run ended before it could be killed; make it longer")
+  saved = helpers.checkpoint_steps(model_dir)
+  assert saved and max(saved) < helpers.REF_STEPS, saved
+
+  resumed = helpers.run_entry("recsys_jax.train", flags).check()
+  m = re.search(r"Resuming from checkpoint_(\d+)", resumed.stdout)
+  assert m, resumed.stdout
+  assert int(m.group(1)) == max(saved)
+  assert helpers.progress_steps(resumed.stdout)[0] == max(saved) + 1
+  _assert_matches_reference(model_dir, reference.model_dir)
+
+
+def test_sigterm_saves_exits_zero_and_resumes(tiny_data, reference, tmp_path):
+  model_dir = str(tmp_path / "run")
+  flags = helpers.train_flags(tiny_data, model_dir)
+  first = helpers.Background("recsys_jax.train", flags, str(tmp_path / "log"))
+  first.wait_for(lambda: helpers.progress_steps(first.stdout()),
+                 "the first progress line")
+  first.proc.send_signal(signal.SIGTERM)
+  stopped = first.wait().check()  # exit status 0
+  m = re.search(r"SIGTERM: saved checkpoint_(\d+)", stopped.stdout)
+  assert m, stopped.stdout
+  step = int(m.group(1))
+  assert 0 < step < helpers.REF_STEPS
+  # Saved at the step it stopped at, not at the previous periodic checkpoint.
+  assert max(helpers.progress_steps(stopped.stdout)) == step
+  assert max(helpers.checkpoint_steps(model_dir)) == step
+  assert helpers.checkpoint_meta(model_dir, step)["input_position"] == step
+
+  resumed = helpers.run_entry("recsys_jax.train", flags).check()
+  assert f"Resuming from checkpoint_{step} " in resumed.stdout
+  _assert_matches_reference(model_dir, reference.model_dir)
+
+
+# -- sharded equals unsharded --------------------------------------------------
+
+_SHARDED_SCRIPT = r'''
+"""Trains the same tiny Bert4Rec on 3 meshes; writes scalars and params."""
+import json
+import os
+import sys
+
+import gin
+import jax
+import numpy as np
+
+from recsys_jax import builders
+from recsys_jax import gin_utils
+from recsys_jax import input_pipeline
+from recsys_jax import partitioning
+from recsys_jax import trainer
+
+data_dir, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+assert jax.device_count() == 8, jax.devices()
+
+# The 4x2 (data x model) mesh exactly as the gin file configures it.
+gin_utils.parse_gin(["partitioning/vocab_parallel.gin"], [])
+vocab_parallel = gin.query_parameter(
+    "PARTITIONING/macro.value").scoped_configurable_fn()
+gin.clear_config()
+
+
+class Capture:
+  """A metric writer keeping every scalar it is given."""
+
+  def __init__(self):
+    self.rows = {}
+
+  def write_scalars(self, step, scalars):
+    self.rows[int(step)] = {k: float(v) for k, v in scalars.items()}
+
+
+model = builders.bert4rec(data_dir=data_dir, max_len=20, hidden=16,
+                          mlp_dim=32, mask_prob=0.2)
+data = input_pipeline.SequenceData("sharding_test", data_dir, max_len=20,
+                                   mask_prob=0.2)
+setups = {
+    "single": (partitioning.make_mesh(1, devices=jax.devices()[:1]),
+               partitioning.get_rules("data_parallel")),
+    "data8": (partitioning.make_mesh(1),
+              partitioning.get_rules("data_parallel")),
+    "data4_model2": (vocab_parallel.make_mesh(),
+                     vocab_parallel.logical_rules()),
+}
+out = {}
+for name, (mesh, rules) in setups.items():
+  writer = Capture()
+  cfg = trainer.TrainLoopConfig(train_steps=steps, batch_size=16, log_every=1,
+                                checkpoint_every=1000, keep_checkpoints=1)
+  opt = trainer.OptimizerConfig(warmup_steps=0, decay="constant")
+  state = trainer.train_loop(
+      model, opt, lambda s: data.train_batches(s, 16), cfg,
+      model_dir=os.path.join(out_dir, name), mesh=mesh, rules=rules,
+      writer=writer)
+  emb = state.params["item_embed"]["embedding"]
+  out[name] = {
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "steps": sorted(writer.rows),
+      "scalars": [writer.rows[s] for s in sorted(writer.rows)],
+      "embedding_spec": str(emb.sharding.spec),
+      "embedding_distinct_shards": len(
+          {str(s.index) for s in emb.addressable_shards}),
+  }
+  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  np.savez(os.path.join(out_dir, name + ".npz"),
+           **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+with open(os.path.join(out_dir, "result.json"), "w") as f:
+  json.dump(out, f)
+'''
+
+
+def test_sharded_training_equals_single_device(tiny_data, tmp_path):
+  steps = 5
+  helpers.run_script(_SHARDED_SCRIPT, [tiny_data, str(tmp_path), str(steps)],
+                     env=helpers.subprocess_env(xla_devices=8)).check()
+  with open(tmp_path / "result.json") as f:
+    res = json.load(f)
+  single, data8, mixed = res["single"], res["data8"], res["data4_model2"]
+  assert single["mesh"] == {"data": 1, "model": 1}
+  assert data8["mesh"] == {"data": 8, "model": 1}
+  assert mixed["mesh"] == {"data": 4, "model": 2}
+  # vocab_parallel really splits the item table over `model`.
+  assert mixed["embedding_spec"].startswith("PartitionSpec('model'") or (
+      mixed["embedding_spec"].startswith("P('model'")), mixed
+  assert mixed["embedding_distinct_shards"] == 2
+  assert single["embedding_distinct_shards"] == 1
+
+  params = {k: np.load(tmp_path / f"{k}.npz") for k in res}
+  for name in ("data8", "data4_model2"):
+    run = res[name]
+    assert run["steps"] == single["steps"] == list(range(1, steps + 1))
+    for key in ("train/loss", "train/masked_accuracy", "train/grad_norm"):
+      np.testing.assert_allclose(
+          [s[key] for s in run["scalars"]],
+          [s[key] for s in single["scalars"]], rtol=1e-4, atol=1e-5,
+          err_msg=f"{name} {key}")
+    assert sorted(params[name].files) == sorted(params["single"].files)
+    for leaf in params["single"].files:
+      np.testing.assert_allclose(params[name][leaf], params["single"][leaf],
+                                 rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{name} {leaf}")
+  # Training moved the parameters (so equality above is not trivial).
+  with np.load(tmp_path / "single.npz") as final:
+    init_free = final["['output_bias']"]
+  assert np.abs(init_free).max() > 1e-4
