@@ -168,7 +168,8 @@ def _make_encode_fn(encoder: TextEncoder, pooling: str,
                  out_shardings=(batch, batch))
 
 
-def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
+def build_cache(data_dir: str, encoder: str, checkpoint: str,
+                vocab: Optional[str],
                 output_dir: str, *, max_text_len: int = 32,
                 batch_size: int = 64, chunk_size: int = 4096,
                 dtype: str = "float16", pooling: Optional[str] = None,
@@ -182,7 +183,8 @@ def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
     data_dir: a prepared dataset (items.jsonl).
     encoder: 'bert' or 't5'.
     checkpoint: HF or orbax directory of that encoder.
-    vocab: vocab.txt / SentencePiece .model (or a directory holding one).
+    vocab: vocab.txt / SentencePiece .model (or a directory holding one);
+      None: the checkpoint directory's own vocabulary.
     output_dir: the cache directory.
     max_text_len: tokens per item, special tokens included.
     batch_size: items per jitted call (rounded up to a multiple of the
@@ -201,6 +203,7 @@ def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
         "embed_items runs on one host (all its devices); got "
         f"{jax.process_count()} processes")
   enc = load_encoder(encoder, checkpoint)
+  vocab = vocab or checkpoint  # HF folders ship their vocabulary
   voc = text_vocab.load_text_vocab(vocab)
   pooling = pooling or enc.default_pooling
   if pooling not in POOLINGS:
@@ -286,44 +289,70 @@ def build_cache(data_dir: str, encoder: str, checkpoint: str, vocab: str,
   return writer.manifest
 
 
+_REQUIRED = ("data_dir", "encoder", "checkpoint", "output_dir")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """CLI; values come from flags, or from gin files binding build_cache.
+
+  With `--gin_file` (e.g. gin/embed/minilm.gin binding `embed_items.
+  build_cache.*`), flags given on the command line override the gin values.
+  """
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", required=True,
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin files binding embed_items.build_cache")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="extra gin bindings, e.g. "
+                      "\"embed_items.build_cache.batch_size = 32\"")
+  parser.add_argument("--data_dir",
                       help="prepared dataset directory (items.jsonl)")
-  parser.add_argument("--encoder", required=True, choices=ENCODERS)
-  parser.add_argument("--checkpoint", required=True,
+  parser.add_argument("--encoder", choices=ENCODERS)
+  parser.add_argument("--checkpoint",
                       help="HF directory or orbax export of the encoder")
-  parser.add_argument("--vocab", required=True,
+  parser.add_argument("--vocab",
                       help="vocab.txt (WordPiece) or SentencePiece .model")
-  parser.add_argument("--output_dir", required=True, help="cache directory")
-  parser.add_argument("--max_text_len", type=int, default=32)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--chunk_size", type=int, default=4096)
-  parser.add_argument("--dtype", default="float16",
-                      choices=("float16", "float32"))
-  parser.add_argument("--pooling", default=None, choices=POOLINGS,
+  parser.add_argument("--output_dir", help="cache directory")
+  parser.add_argument("--max_text_len", type=int)
+  parser.add_argument("--batch_size", type=int)
+  parser.add_argument("--chunk_size", type=int)
+  parser.add_argument("--dtype", choices=("float16", "float32"))
+  parser.add_argument("--pooling", choices=POOLINGS,
                       help="default: mean_l2 for bert, mean for t5")
-  parser.add_argument("--no_tokens", action="store_true",
+  parser.add_argument("--no_tokens", action="store_true", default=None,
                       help="store pooled encodings only (not [N, L, d])")
-  parser.add_argument("--overwrite", action="store_true",
+  parser.add_argument("--overwrite", action="store_true", default=None,
                       help="discard an existing cache in --output_dir")
   args = parser.parse_args(argv)
+  kwargs = {k: v for k, v in vars(args).items()
+            if v is not None and k not in ("gin_file", "gin_bindings",
+                                           "no_tokens")}
+  if args.no_tokens:
+    kwargs["store_tokens"] = False
+  fn = build_cache
+  if args.gin_file or args.gin_bindings:
+    import gin  # pylint: disable=g-import-not-at-top
+    from recsys_jax import gin_utils  # pylint: disable=g-import-not-at-top
+    from recsys_jax import embed_items as registered  # pylint: disable=g-import-not-at-top,import-self
+    gin_utils.parse_gin(args.gin_file, args.gin_bindings)
+    # Under `python -m` this module is __main__; gin registered the importable
+    # module's function.
+    fn = gin.get_configurable(registered.build_cache)
+  else:
+    missing = [k for k in _REQUIRED if k not in kwargs]
+    if missing:
+      parser.error("missing " + ", ".join(f"--{k}" for k in missing) +
+                   " (or pass --gin_file binding embed_items.build_cache)")
   try:
-    manifest = build_cache(
-        args.data_dir, args.encoder, args.checkpoint, args.vocab,
-        args.output_dir, max_text_len=args.max_text_len,
-        batch_size=args.batch_size, chunk_size=args.chunk_size,
-        dtype=args.dtype, pooling=args.pooling,
-        store_tokens=not args.no_tokens, overwrite=args.overwrite)
+    manifest = fn(**kwargs)
   except (item_text_cache.CacheMismatchError, FileNotFoundError,
-          ValueError) as e:
+          ValueError, TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   per_item = item_text_cache.bytes_per_item(
       manifest["max_text_len"], manifest["d_model"], manifest["dtype"],
       manifest["store_tokens"])
-  print(f"embed_items: wrote {args.output_dir} ({manifest['num_items']} "
-        f"items, {per_item} bytes/item)")
+  print(f"embed_items: wrote {manifest.get('output_dir', kwargs.get('output_dir'))}"
+        f" ({manifest['num_items']} items, {per_item} bytes/item)")
   return 0
 
 

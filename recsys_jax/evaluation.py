@@ -120,7 +120,8 @@ class Evaluator:
           return ranking.sampled_target_rank(scores, safe, negatives)
         exclude = batch["item_ids"] if cfg.exclude_history else None
         return ranking.target_rank(scores, safe, exclude)
-      rank_fn = jax.jit(pop_rank)
+      rank_fn = jax.jit(pop_rank, out_shardings=partitioning.batch_sharding(
+          self.mesh))
     for local in batches:
       valid = np.asarray(local["valid"]) > 0
       model_batch = {k: v for k, v in local.items() if k != "valid"}

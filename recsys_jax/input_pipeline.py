@@ -1,8 +1,19 @@
 """A run's view of its data: registered SeqIO task -> host-local numpy batches.
 
-Each process reads only its shard of every split
-(`seqio.ShardInfo(jax.process_index(), jax.process_count())`) and yields its
-rows of each global batch; the trainer assembles global arrays.
+Every process yields its rows of each global batch; the trainer assembles
+global arrays. Two ways to get those rows for training (`host_input`):
+
+  * 'shard' (default, scalable): each process reads only its shard of the
+    users (`seqio.ShardInfo(jax.process_index(), jax.process_count())`) and
+    batches it; I/O and preprocessing split across hosts, but the example
+    order (and so the trained model) depends on the number of processes.
+  * 'slice': every process builds the same global stream (no shard) and keeps
+    rows [i * local, (i + 1) * local) of each global batch; the run is
+    identical for any process count (and resumable on a different one), at
+    the price of every host reading and preprocessing all the data.
+
+Evaluation always reads shards (every user once across hosts, padded with
+`valid`); its metric sums are merged across processes.
 """
 
 import functools
@@ -21,6 +32,7 @@ from tasks import sequence_tasks
 TRAIN_FEATURES = ("item_ids", "targets", "loss_weights")
 PACKED_EXTRA = ("segment_ids", "positions")
 EVAL_FEATURES = ("item_ids", "targets")
+HOST_INPUTS = ("shard", "slice")
 
 
 class SequenceData:
@@ -30,9 +42,13 @@ class SequenceData:
                mask_prob: float = 0.2, max_predictions: Optional[int] = None,
                last_item_mask_prob: float = 0.1,
                sliding_window_stride: Optional[int] = None,
-               packing: bool = False, seed: int = 0):
+               packing: bool = False, seed: int = 0,
+               host_input: str = "shard"):
+    if host_input not in HOST_INPUTS:
+      raise ValueError(f"SequenceData.host_input={host_input!r}: expected one "
+                       f"of {HOST_INPUTS} (see the module docstring)")
     self.name, self.data_dir, self.max_len = name, data_dir, max_len
-    self.packing, self.seed = packing, seed
+    self.packing, self.seed, self.host_input = packing, seed, host_input
     sequence_tasks.register_sequence_tasks(
         name, data_dir, max_len=max_len, mask_prob=mask_prob,
         max_predictions=max_predictions,
@@ -58,11 +74,21 @@ class SequenceData:
   def train_batches(self, start_step: int, local_batch_size: int
                     ) -> Iterator[Dict[str, np.ndarray]]:
     """This process's train batches for steps start_step, start_step+1, ..."""
-    features = TRAIN_FEATURES + (PACKED_EXTRA if self.packing else ())
-    return prefetch_in_thread(feature_converters.train_batches(
-        self.name, local_batch_size, seed=self.seed,
-        shard_info=self.shard_info(), start_step=start_step,
-        features=list(features)))
+    features = list(TRAIN_FEATURES + (PACKED_EXTRA if self.packing else ()))
+    nproc = jax.process_count()
+    if self.host_input == "shard" or nproc == 1:
+      return prefetch_in_thread(feature_converters.train_batches(
+          self.name, local_batch_size, seed=self.seed,
+          shard_info=self.shard_info(), start_step=start_step,
+          features=features))
+    # 'slice': the one-process stream of global batches, this process's rows.
+    stream = feature_converters.train_batches(
+        self.name, local_batch_size * nproc, seed=self.seed, shard_info=None,
+        start_step=start_step, features=features)
+    lo = jax.process_index() * local_batch_size
+    return prefetch_in_thread(
+        {k: v[lo:lo + local_batch_size] for k, v in batch.items()}
+        for batch in stream)
 
   def eval_batches(self, split: str, global_batch_size: int
                    ) -> Iterator[Dict[str, np.ndarray]]:

@@ -137,6 +137,19 @@ def jit_train_step(train_step, state_shardings, mesh):
                  donate_argnums=0)
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process iff `flag` is True on at least one.
+
+  SIGTERM reaches hosts at different steps; all must agree on the step at
+  which they save (a collective) and stop.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+  return bool(np.any(flags))
+
+
 class _MetricWindow:
   """Accumulates step metrics between two log points."""
 
@@ -220,17 +233,25 @@ def train_loop(
   start = ckpt.latest_step()
   if start is not None:
     logging.info("resuming from %s/checkpoint_%d", model_dir, start)
-    print(f"Resuming from checkpoint_{start} in {model_dir}", flush=True)
     state, saved_meta = ckpt.restore(start, abstract)
+    if jax.process_index() == 0:
+      print(f"Resuming from checkpoint_{start} in {model_dir}", flush=True)
+      saved_nproc = saved_meta.get("process_count", jax.process_count())
+      if saved_nproc != jax.process_count():
+        # Parameters and optimizer state reshard; only host_input='slice'
+        # feeds the same batches as before.
+        print(f"Note: checkpoint_{start} was written by {saved_nproc} "
+              f"processes, resuming with {jax.process_count()}", flush=True)
     if saved_meta.get("input_position", start) != start:
       raise RuntimeError(
           f"checkpoint_{start} records input position "
           f"{saved_meta['input_position']}, expected {start}")
   start = int(start or 0)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  print(f"Parameters: {n_params:,}; devices: {jax.device_count()} "
-        f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
-        flush=True)
+  if jax.process_index() == 0:
+    print(f"Parameters: {n_params:,}; devices: {jax.device_count()} "
+          f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
+          flush=True)
 
   step_fn = jit_train_step(make_train_step(model, tx, schedule), shardings,
                            mesh)
@@ -247,7 +268,8 @@ def train_loop(
     pass
 
   def save(step: int, force: bool = False):
-    payload = {"input_position": step, "step": step, **(meta or {})}
+    payload = {"input_position": step, "step": step,
+               "process_count": jax.process_count(), **(meta or {})}
     ckpt.save(step, state, payload, force=force)
 
   window = _MetricWindow()
@@ -297,9 +319,10 @@ def train_loop(
       if eval_fn is not None and cfg.eval_every and (
           step % cfg.eval_every == 0 or last):
         eval_fn(state.params, step)
-      if step % cfg.checkpoint_every == 0 or last or preempted["flag"]:
-        save(step, force=last or preempted["flag"])
-      if preempted["flag"]:
+      stop = _any_process(preempted["flag"])
+      if step % cfg.checkpoint_every == 0 or last or stop:
+        save(step, force=last or stop)
+      if stop:
         print(f"SIGTERM: saved checkpoint_{step}; exiting.", flush=True)
         break
   finally:

@@ -1,0 +1,351 @@
+r"""Training throughput and MFU of Bert4Rec through our real train step.
+
+  python -m benchmarks.train_throughput \
+      --output=benchmarks/results/train_throughput_round1.json
+
+Sizes are the benchmark issue's (hidden 64, 2 layers, 2 heads, MLP 256,
+length 50, batch 256, mask 0.2, dropout 0.2) on Beauty (prepared into
+--data_dir from ../shared/data/amazon_beauty) or, without it, synthetic data
+with Beauty's 12,101 items. The step is `trainer.make_train_step` jitted by
+`trainer.jit_train_step` (shardings, donated state) on a `make_mesh()` mesh
+with DATA_PARALLEL_RULES. Modes:
+
+  staged_padded / staged_packed: a few real batches put on the device first,
+    then only the step is timed (model speed);
+  pipeline_padded / pipeline_packed: each step pulls its batch from
+    `input_pipeline.SequenceData.train_batches` and fetches the metrics as
+    `trainer.train_loop` does (end to end).
+
+Compilation and `--warmup_steps` are excluded; each of `--repeats` windows
+times `--steps` steps; figures are medians over windows. MFU = analytic
+FLOPs per step (`common.train_flops_per_step`) / step time / the float32
+matmul peak measured in the same process.
+
+`--variant=proposed_head` runs the output-layer change proposed in
+benchmarks/RESULTS.md (an experiment defined here, not project code) so its
+effect can be measured side by side. `--smoke` runs tiny sizes in seconds.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, Iterator, List
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from recsys_jax import model_lib  # pylint: disable=g-import-not-at-top
+from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
+from recsys_jax import trainer  # pylint: disable=g-import-not-at-top
+from recsys_jax.models import bert4rec as bert4rec_lib  # pylint: disable=g-import-not-at-top
+from recsys_jax.seqio_ext import preprocessors  # pylint: disable=g-import-not-at-top
+
+MODES = ("staged_padded", "staged_packed", "pipeline_padded",
+         "pipeline_packed")
+SMOKE_SIZES = dict(hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
+                   max_len=12, batch_size=8, mask_prob=0.2, dropout_rate=0.2)
+
+
+class ProposedHeadBert4RecModel(model_lib.Bert4RecModel):
+  """Bert4RecModel with the output-layer loss rewritten (experiment only).
+
+  Same loss, same gradients (up to float rounding) as the 'full' loss of
+  `Bert4RecModel.loss_fn`, with three [B, P, V] passes removed:
+    * non-items are masked by a [V] additive bias, not a [B, P, V] select;
+    * the target logit is q . table[target] + bias[target] ([B, P, E]
+      gathers) instead of a one-hot product over V;
+    * `correct` compares the target logit with the row max (shared with the
+      logsumexp) instead of a separate argmax pass (ties count as correct).
+  """
+
+  def loss_fn(self, params, batch, dropout_rng):
+    if self.loss != "full" or self.z_loss:
+      return super().loss_fn(params, batch, dropout_rng)
+    if dropout_rng is not None:
+      dropout_rng, _ = jax.random.split(dropout_rng)
+    hidden = self.hidden_states(params, batch, dropout_rng)
+    targets = batch["targets"].astype(jnp.int32)
+    weights = batch["loss_weights"].astype(jnp.float32)
+    num = self.max_predictions or targets.shape[1]
+    hidden, targets, weights = model_lib.gather_predictions(
+        hidden, targets, weights, num)
+    query = self._apply(params, hidden, method="output_query")  # [B, P, E]
+    table, bias = self._table_and_bias(params)
+    bias = jnp.where(bert4rec_lib.valid_item_mask(self.config), bias,
+                     jnp.float32(-1e9))                          # [V]
+    logits = jnp.einsum("bpe,ve->bpv", query, table) + bias      # [B, P, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = (jnp.sum(query * jnp.take(table, targets, axis=0), -1)
+                    + jnp.take(bias, targets))
+    loss_sum = jnp.sum((lse - target_logit) * weights)
+    weight_sum = jnp.sum(weights)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    correct = (target_logit >= row_max).astype(jnp.float32)
+    correct_sum = jnp.sum(correct * weights)
+    loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+    return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum,
+                  "correct_sum": correct_sum}
+
+
+def _check_proposed_head_matches(model, params, batch, rng) -> float:
+  """Max |difference| of loss and grads between the two losses."""
+  ref = model_lib.Bert4RecModel(model.config,
+                                max_predictions=model.max_predictions)
+  g1 = jax.grad(lambda p: ref.loss_fn(p, batch, rng)[0])(params)
+  g2 = jax.grad(lambda p: model.loss_fn(p, batch, rng)[0])(params)
+  l1 = ref.loss_fn(params, batch, rng)[0]
+  l2 = model.loss_fn(params, batch, rng)[0]
+  diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in
+           zip(jax.tree.leaves(g1), jax.tree.leaves(g2))]
+  return max(diffs + [float(jnp.abs(l1 - l2))])
+
+
+def batch_counts(batch: Dict[str, np.ndarray], max_predictions: int
+                 ) -> Dict[str, int]:
+  """Rows, users, real (non-padding) interactions and masked targets."""
+  ids = np.asarray(batch["item_ids"])
+  masked = (np.asarray(batch["loss_weights"]) > 0).sum(axis=1)
+  if "segment_ids" in batch:
+    users = int(np.asarray(batch["segment_ids"]).max(axis=1).sum())
+  else:
+    users = int((ids != 0).any(axis=1).sum())
+  return {"rows": int(ids.shape[0]), "users": users,
+          "interactions": int((ids != 0).sum()),
+          "masked": int(masked.sum()),
+          "masked_dropped": int(np.maximum(masked - max_predictions, 0).sum())}
+
+
+def _add(total: Dict[str, int], c: Dict[str, int]) -> None:
+  for k, v in c.items():
+    total[k] = total.get(k, 0) + v
+
+
+class Setup:
+  """Model, sharded state and jitted step for one (packing, P) setting."""
+
+  def __init__(self, args, num_items: int, packed: bool, mesh, rules):
+    sizes = args.sizes
+    self.max_predictions = (args.packed_max_predictions if packed
+                            else args.max_predictions)
+    config = bert4rec_lib.Bert4RecConfig(
+        num_items=num_items, max_len=sizes["max_len"], hidden=sizes["hidden"],
+        num_layers=sizes["num_layers"], num_heads=sizes["num_heads"],
+        mlp_dim=sizes["mlp_dim"], dropout_rate=sizes["dropout_rate"],
+        attention_dropout_rate=sizes["dropout_rate"])
+    cls = (ProposedHeadBert4RecModel if args.variant == "proposed_head"
+           else model_lib.Bert4RecModel)
+    self.model = cls(config, max_predictions=self.max_predictions)
+    # The defaults of gin/runs/train.gin (AdamW, warm-up, clipping).
+    opt = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
+                                  weight_decay=0.01, clip_norm=5.0)
+    tx, schedule = trainer.make_optimizer(opt, 100_000)
+    self.state, shardings, _ = trainer.init_state(
+        self.model, tx, jax.random.PRNGKey(0), mesh, rules)
+    self.step = trainer.jit_train_step(
+        trainer.make_train_step(self.model, tx, schedule), shardings, mesh)
+    self.mesh, self.rules = mesh, rules
+    self.rng = jax.random.PRNGKey(1)
+    self.flops = common.train_flops_per_step(
+        sizes["batch_size"], length=sizes["max_len"], hidden=sizes["hidden"],
+        num_layers=sizes["num_layers"], mlp_dim=sizes["mlp_dim"],
+        predictions=self.max_predictions, vocab=config.padded_vocab)
+    self.flops_breakdown = common.bert4rec_flops_per_row(
+        length=sizes["max_len"], hidden=sizes["hidden"],
+        num_layers=sizes["num_layers"], mlp_dim=sizes["mlp_dim"],
+        predictions=self.max_predictions, vocab=config.padded_vocab)
+    self.padded_vocab = config.padded_vocab
+    self.compile_s = None
+
+  def run(self, batch):
+    with partitioning.with_rules(self.rules):
+      self.state, metrics = self.step(self.state, batch, self.rng)
+    return metrics
+
+  def compile_and_warm(self, batch, warmup_steps: int) -> None:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.run(batch))
+    self.compile_s = time.perf_counter() - t0
+    for _ in range(warmup_steps):
+      jax.block_until_ready(self.run(batch))
+
+
+def time_staged(setup: Setup, local_batches: List[Dict[str, np.ndarray]],
+                steps: int, repeats: int) -> Dict[str, Any]:
+  """Times `steps` steps over batches already on the device."""
+  device_batches = [partitioning.host_to_global(b, setup.mesh)
+                    for b in local_batches]
+  per = [batch_counts(b, setup.max_predictions) for b in local_batches]
+  windows = []
+  counts: Dict[str, int] = {}
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    metrics = None
+    for i in range(steps):
+      metrics = setup.run(device_batches[i % len(device_batches)])
+    jax.block_until_ready((setup.state, metrics))
+    windows.append(time.perf_counter() - t0)
+    for i in range(steps):
+      _add(counts, per[i % len(per)])
+  return _summary(setup, windows, steps, counts, repeats)
+
+
+def time_pipeline(setup: Setup, it: Iterator[Dict[str, np.ndarray]],
+                  steps: int, repeats: int) -> Dict[str, Any]:
+  """Times steps fed by the input pipeline, as trainer.train_loop feeds them."""
+  windows, input_s = [], []
+  counts: Dict[str, int] = {}
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    wait = 0.0
+    for _ in range(steps):
+      ti = time.perf_counter()
+      local = next(it)
+      wait += time.perf_counter() - ti
+      metrics = setup.run(partitioning.host_to_global(local, setup.mesh))
+      jax.device_get(metrics)  # the train loop reads metrics every step
+      _add(counts, batch_counts(local, setup.max_predictions))
+    windows.append(time.perf_counter() - t0)
+    input_s.append(wait)
+  out = _summary(setup, windows, steps, counts, repeats)
+  out["input_wait_s_per_step"] = float(np.median(input_s)) / steps
+  return out
+
+
+def _summary(setup: Setup, windows: List[float], steps: int,
+             counts: Dict[str, int], repeats: int) -> Dict[str, Any]:
+  step_time = float(np.median(windows)) / steps
+  total_steps = steps * repeats
+  rows = counts["rows"] / total_steps
+  users = counts["users"] / total_steps
+  inter = counts["interactions"] / total_steps
+  achieved = setup.flops / step_time
+  return {
+      "step_time_s": step_time,
+      "step_time_windows_s": [w / steps for w in windows],
+      "sequences_per_s": rows / step_time,
+      "users_per_s": users / step_time,
+      "interactions_per_s": inter / step_time,
+      "tokens_per_s": rows * setup.model.max_len / step_time,
+      "rows_per_step": rows, "users_per_row": users / rows,
+      "interactions_per_row": inter / rows,
+      "masked_per_row": counts["masked"] / counts["rows"],
+      "masked_dropped_fraction": counts["masked_dropped"] / max(
+          counts["masked"], 1),
+      "max_predictions": setup.max_predictions,
+      "gflop_per_step": setup.flops / 1e9,
+      "achieved_gflops": achieved / 1e9,
+      "compile_s": setup.compile_s,
+  }
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data_dir", default="/tmp/recsys_jax_bench/beauty",
+                 help="prepared dataset (created from Beauty, or synthetic)")
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--steps", type=int, default=10, help="steps per window")
+  p.add_argument("--repeats", type=int, default=3, help="timed windows")
+  p.add_argument("--warmup_steps", type=int, default=2)
+  p.add_argument("--staged_batches", type=int, default=4,
+                 help="distinct pre-staged batches cycled through")
+  p.add_argument("--max_predictions", type=int, default=None,
+                 help="padded rows (default ceil(0.2 * L) + 1 = 11)")
+  p.add_argument("--packed_max_predictions", type=int, default=None,
+                 help="packed rows hold several users' masks (default 2x)")
+  p.add_argument("--variant", default="project",
+                 choices=("project", "proposed_head"))
+  p.add_argument("--prng_impl", default=None,
+                 help="e.g. 'rbg' (jax_default_prng_impl) for an experiment")
+  p.add_argument("--matmul_n", type=int, default=4096)
+  p.add_argument("--smoke", action="store_true", help="tiny, seconds")
+  p.add_argument("--output", required=True)
+  args = p.parse_args(argv)
+  args.sizes = dict(SMOKE_SIZES if args.smoke else common.ISSUE_SIZES)
+  mp = args.max_predictions or preprocessors.default_max_predictions(
+      args.sizes["mask_prob"], args.sizes["max_len"])
+  args.max_predictions = mp
+  args.packed_max_predictions = args.packed_max_predictions or min(
+      2 * mp, args.sizes["max_len"])
+  if args.smoke:
+    args.steps, args.repeats, args.warmup_steps = 2, 1, 1
+    args.staged_batches, args.matmul_n = 2, 256
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  machine = common.machine_info()
+  if args.prng_impl:
+    jax.config.update("jax_default_prng_impl", args.prng_impl)
+  if args.smoke:
+    data = common.ensure_synthetic(args.data_dir, num_users=120,
+                                   num_items=100)
+  else:
+    data = common.ensure_beauty_or_synthetic(args.data_dir)
+  sizes = args.sizes
+  bs = sizes["batch_size"]
+  mesh = partitioning.make_mesh(1)
+  rules = partitioning.DATA_PARALLEL_RULES
+  modes = [m for m in args.modes.split(",") if m]
+  for m in modes:
+    if m not in MODES:
+      raise ValueError(f"--modes: unknown mode {m!r}; expected {MODES}")
+  result: Dict[str, Any] = {
+      "benchmark": "train_throughput", "variant": args.variant,
+      "prng_impl": args.prng_impl or str(jax.config.jax_default_prng_impl),
+      "data": data, "sizes": sizes, "devices": [str(d) for d in jax.devices()],
+      "steps_per_window": args.steps, "repeats": args.repeats,
+      "warmup_steps": args.warmup_steps, "modes": {}}
+  result["matmul_peak"] = common.measure_matmul_peak(args.matmul_n)
+  peak = result["matmul_peak"]["best_gflops"] * 1e9
+  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+
+  for packed in (False, True):
+    kind = "packed" if packed else "padded"
+    wanted = [m for m in modes if m.endswith(kind)]
+    if not wanted:
+      continue
+    pipe = input_pipeline.SequenceData(
+        f"bench_train_{kind}", data["data_dir"], max_len=sizes["max_len"],
+        mask_prob=sizes["mask_prob"], packing=packed, seed=0)
+    setup = Setup(args, pipe.num_items, packed, mesh, rules)
+    it = pipe.train_batches(0, bs)
+    first = [next(it) for _ in range(max(args.staged_batches, 1))]
+    setup.compile_and_warm(partitioning.host_to_global(first[0], mesh),
+                           args.warmup_steps)
+    if args.variant == "proposed_head" and args.smoke:
+      params = setup.state.params
+      b = partitioning.host_to_global(first[0], mesh)
+      result["proposed_head_max_abs_diff"] = _check_proposed_head_matches(
+          setup.model, params, b, jax.random.PRNGKey(3))
+    for mode in wanted:
+      if mode.startswith("staged"):
+        res = time_staged(setup, first, args.steps, args.repeats)
+      else:
+        for _ in range(args.warmup_steps):  # warm the pipeline's buffers
+          jax.device_get(setup.run(partitioning.host_to_global(next(it),
+                                                               mesh)))
+        res = time_pipeline(setup, it, args.steps, args.repeats)
+      res["mfu"] = res["achieved_gflops"] * 1e9 / peak
+      res["flops_per_row_forward"] = setup.flops_breakdown
+      res["padded_vocab"] = setup.padded_vocab
+      result["modes"][mode] = res
+      print(f"{mode}: {res['step_time_s']:.3f} s/step, "
+            f"{res['sequences_per_s']:.0f} rows/s, "
+            f"{res['users_per_s']:.0f} users/s, "
+            f"{res['interactions_per_s']:.0f} interactions/s, "
+            f"MFU {100 * res['mfu']:.1f}%", flush=True)
+  path = common.write_result(args.output, result, machine)
+  print(f"wrote {path}", flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()
