@@ -245,6 +245,23 @@ def _summary(setup: Setup, windows: List[float], steps: int,
   }
 
 
+def profile_steps(setup: Setup, local_batch: Dict[str, np.ndarray],
+                  trace_dir: str, steps: int = 3) -> Dict[str, Any]:
+  """Traces `steps` staged steps; time by HLO op and category per step."""
+  batch = partitioning.host_to_global(local_batch, setup.mesh)
+  with partitioning.with_rules(setup.rules):
+    hlo = setup.step.lower(setup.state, batch, setup.rng).compile().as_text()
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  try:
+    metrics = None
+    for _ in range(steps):
+      metrics = setup.run(batch)
+    jax.block_until_ready((setup.state, metrics))
+  finally:
+    jax.profiler.stop_trace()
+  return common.profile_breakdown(trace_dir, hlo, steps)
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data_dir", default="/tmp/recsys_jax_bench/beauty",
@@ -263,6 +280,8 @@ def parse_args(argv=None):
                  choices=("project", "proposed_head"))
   p.add_argument("--prng_impl", default=None,
                  help="e.g. 'rbg' (jax_default_prng_impl) for an experiment")
+  p.add_argument("--profile_dir", default=None,
+                 help="trace 3 staged steps here and add a per-op breakdown")
   p.add_argument("--matmul_n", type=int, default=4096)
   p.add_argument("--smoke", action="store_true", help="tiny, seconds")
   p.add_argument("--output", required=True)
@@ -334,6 +353,11 @@ def main(argv=None):
                                                                mesh)))
         res = time_pipeline(setup, it, args.steps, args.repeats)
       res["mfu"] = res["achieved_gflops"] * 1e9 / peak
+      if args.profile_dir and mode.startswith("staged"):
+        res["profile"] = profile_steps(
+            setup, first[0], os.path.join(args.profile_dir, mode))
+        print(f"{mode} profile (ms/step): "
+              f"{res['profile']['by_category_ms_per_step']}", flush=True)
       res["flops_per_row_forward"] = setup.flops_breakdown
       res["padded_vocab"] = setup.padded_vocab
       result["modes"][mode] = res

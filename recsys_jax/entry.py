@@ -10,6 +10,7 @@ import gin
 
 from recsys_jax import distributed
 from recsys_jax import gin_utils
+from recsys_jax import trainer
 
 flags.DEFINE_multi_string("gin_file", [], "gin files, in order (later wins)")
 flags.DEFINE_multi_string("gin_bindings", [],
@@ -65,7 +66,11 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
           f.write(gin.config_str())
-    configured()
+    try:
+      configured()
+    except (FileNotFoundError, trainer.NonFiniteLossError) as e:
+      # User-facing conditions (no checkpoint/step/data, NaN loss): one line.
+      sys.exit(f"error: {e}")
     if write_config:
       import jax  # pylint: disable=g-import-not-at-top
       if jax.process_index() == 0:

@@ -273,8 +273,9 @@ class Capture:
     self.rows[int(step)] = {k: float(v) for k, v in scalars.items()}
 
 
+# One block: compiling three meshes dominates this test's time.
 model = builders.bert4rec(data_dir=data_dir, max_len=20, hidden=16,
-                          mlp_dim=32, mask_prob=0.2)
+                          mlp_dim=32, num_layers=1, mask_prob=0.2)
 data = input_pipeline.SequenceData("sharding_test", data_dir, max_len=20,
                                    mask_prob=0.2)
 setups = {
@@ -313,7 +314,7 @@ with open(os.path.join(out_dir, "result.json"), "w") as f:
 
 
 def test_sharded_training_equals_single_device(tiny_data, tmp_path):
-  steps = 5
+  steps = 4
   helpers.run_script(_SHARDED_SCRIPT, [tiny_data, str(tmp_path), str(steps)],
                      env=helpers.subprocess_env(xla_devices=8)).check()
   with open(tmp_path / "result.json") as f:
@@ -342,7 +343,7 @@ def test_sharded_training_equals_single_device(tiny_data, tmp_path):
       np.testing.assert_allclose(params[name][leaf], params["single"][leaf],
                                  rtol=1e-4, atol=1e-5,
                                  err_msg=f"{name} {leaf}")
-  # Training moved the parameters (so equality above is not trivial).
+  # Training moved the (zero-initialised) output bias, so the equality above
+  # is not between untouched initial values.
   with np.load(tmp_path / "single.npz") as final:
-    init_free = final["['output_bias']"]
-  assert np.abs(init_free).max() > 1e-4
+    assert np.abs(final["['output_bias']"]).max() > 1e-4
