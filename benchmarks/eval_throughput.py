@@ -7,13 +7,16 @@ Every validation user of Beauty (or synthetic data with 12,101 items) is
 scored over all items and the held-out item ranked by
 `recsys_jax.evaluation.Evaluator` (the jitted `score_fn` + `target_rank`
 path; metrics HR/NDCG@{1,5,10,20}). The user's input items are excluded from
-the ranking by default, as RecBole's full-sort evaluation does. Two modes:
+the ranking by default, as RecBole's full-sort evaluation does. Modes:
 
   staged: the evaluation batches are read from the input pipeline first,
     then `Evaluator.evaluate` is timed over them (scoring, ranking, metric
     accumulation);
   pipeline: `Evaluator.evaluate` over `SequenceData.eval_batches` (end to
-    end, input pipeline included).
+    end, input pipeline included);
+  staged_bucketed: an experiment: the staged users regrouped by history
+    length and each batch cut to its longest history (`length_bucketed`);
+    the metrics must equal the staged ones.
 
 A warm-up evaluation of two batches compiles first. Parameters are freshly
 initialised (throughput does not depend on their values).
@@ -40,8 +43,14 @@ from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
 from recsys_jax import trainer  # pylint: disable=g-import-not-at-top
 from recsys_jax.models import bert4rec as bert4rec_lib  # pylint: disable=g-import-not-at-top
 
+MODES = ("staged", "pipeline", "staged_bucketed")
 SMOKE_SIZES = dict(hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
                    max_len=12, batch_size=8, mask_prob=0.2, dropout_rate=0.2)
+
+
+def _numbers(metrics) -> Dict[str, float]:
+  return {k: v for k, v in (metrics or {}).items()
+          if isinstance(v, (int, float))}
 
 
 def parse_args(argv=None):
@@ -50,9 +59,11 @@ def parse_args(argv=None):
   p.add_argument("--split", default="validation")
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--modes", default="staged,pipeline")
+  p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--exclude_history", type=int, default=1,
                  help="1: drop the user's input items (RecBole does)")
+  p.add_argument("--profile_dir", default=None,
+                 help="trace a staged evaluation of a few batches here")
   p.add_argument("--smoke", action="store_true", help="tiny, seconds")
   p.add_argument("--output", required=True)
   args = p.parse_args(argv)
@@ -60,6 +71,56 @@ def parse_args(argv=None):
   if args.smoke:
     args.batch_size, args.repeats = 8, 1
   return args
+
+
+def length_bucketed(batches, batch_size: int, multiple: int = 8):
+  """The same users regrouped by history length, rows cut to their batch's
+  longest history (rounded up to `multiple`).
+
+  Rows are right-padded and attention ignores padding, so cutting trailing
+  padding columns leaves every score unchanged; sorting only changes which
+  users share a batch. Batches of short histories then cost far fewer FLOPs
+  (an experiment for the Evaluator, measured here; see RESULTS.md).
+  """
+  keys = [k for k in batches[0] if k != "valid"]
+  rows = {k: np.concatenate([b[k] for b in batches]) for k in keys}
+  valid = np.concatenate([b["valid"] for b in batches]) > 0
+  rows = {k: v[valid] for k, v in rows.items()}
+  lengths = (rows["item_ids"] != 0).sum(axis=1)
+  order = np.argsort(lengths, kind="stable")
+  out = []
+  full = rows["item_ids"].shape[1]
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    cut = min(full, -(-int(lengths[idx].max()) // multiple) * multiple)
+    batch = {k: rows[k][idx, :cut] for k in keys}
+    pad = batch_size - len(idx)
+    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+             for k, v in batch.items()}
+    batch["valid"] = (np.arange(batch_size) < len(idx)).astype(np.float32)
+    out.append(batch)
+  return out
+
+
+def profile_eval(evaluator, params, batches, mesh, trace_dir: str
+                 ) -> Dict[str, Any]:
+  """Per-op device time of `Evaluator.evaluate` over `batches`, and wall."""
+  local = {k: v for k, v in batches[0].items() if k != "valid"}
+  local["negatives"] = np.zeros((len(local["targets"]), 1), np.int32)
+  glob = partitioning.host_to_global(local, mesh)
+  negs = glob.pop("negatives")
+  with partitioning.with_rules(evaluator.rules):
+    hlo = evaluator._rank.lower(params, glob, negs).compile().as_text()  # pylint: disable=protected-access
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  t0 = time.perf_counter()
+  try:
+    evaluator.evaluate(params, batches)
+  finally:
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+  out = common.profile_breakdown(trace_dir, hlo, len(batches))
+  out["wall_ms_per_batch"] = 1e3 * wall / len(batches)
+  return out
 
 
 def main(argv=None):
@@ -105,26 +166,41 @@ def main(argv=None):
       "devices": [str(d) for d in jax.devices()], "modes": {}}
   metrics = None
   for mode in [m for m in args.modes.split(",") if m]:
-    if mode not in ("staged", "pipeline"):
-      raise ValueError(f"--modes: unknown mode {mode!r}; expected staged or "
-                       "pipeline")
+    if mode not in MODES:
+      raise ValueError(f"--modes: unknown mode {mode!r}; expected {MODES}")
+    if mode == "staged_bucketed":
+      bucketed = length_bucketed(staged, args.batch_size)
+      evaluator.evaluate(params, bucketed)  # compile each row length
     times = []
     for _ in range(args.repeats):
-      batches = (staged if mode == "staged"
-                 else pipe.eval_batches(args.split, args.batch_size))
+      if mode == "staged":
+        batches = staged
+      elif mode == "staged_bucketed":
+        batches = bucketed
+      else:
+        batches = pipe.eval_batches(args.split, args.batch_size)
       t0 = time.perf_counter()
       metrics = evaluator.evaluate(params, batches)
       times.append(time.perf_counter() - t0)
     sec = float(np.median(times))
-    result["modes"][mode] = {"seconds": times, "users_per_s": users / sec}
+    result["modes"][mode] = {"seconds": times, "users_per_s": users / sec,
+                             "metrics": _numbers(metrics)}
+    if mode == "staged_bucketed":
+      result["modes"][mode]["row_lengths"] = [
+          int(b["item_ids"].shape[1]) for b in bucketed]
     print(f"eval {mode}: {users / sec:.0f} users/s ({sec:.2f}s for {users} "
           "users)", flush=True)
-  # The headline is end to end (RecBole's evaluate reads its DataLoader).
+  if args.profile_dir:
+    result["profile"] = profile_eval(evaluator, params, staged[:4], mesh,
+                                     args.profile_dir)
+    print(f"profile: {result['profile']['by_category_ms_per_step']} ms per "
+          f"batch; wall {result['profile']['wall_ms_per_batch']:.0f} ms per "
+          "batch", flush=True)
+  # The headline is end to end (RecBole's evaluate reads its DataLoader);
+  # staged_bucketed is an experiment, not the project's Evaluator path.
   head = result["modes"].get("pipeline") or result["modes"].get("staged")
   result["users_per_s"] = head["users_per_s"] if head else None
-  result["metrics_untrained"] = {
-      k: v for k, v in (metrics or {}).items()
-      if isinstance(v, (int, float))}
+  result["metrics_untrained"] = _numbers(metrics)
   path = common.write_result(args.output, result, machine)
   print(f"wrote {path}", flush=True)
   return result

@@ -21,9 +21,10 @@ times `--steps` steps; figures are medians over windows. MFU = analytic
 FLOPs per step (`common.train_flops_per_step`) / step time / the float32
 matmul peak measured in the same process.
 
-`--variant=proposed_head` runs the output-layer change proposed in
+`--compare_proposed_head=1` also times the output-layer change proposed in
 benchmarks/RESULTS.md (an experiment defined here, not project code) so its
-effect can be measured side by side. `--smoke` runs tiny sizes in seconds.
+effect can be measured side by side (alternating windows). `--smoke` runs
+tiny sizes in seconds.
 """
 
 import argparse
@@ -53,16 +54,41 @@ SMOKE_SIZES = dict(hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
                    max_len=12, batch_size=8, mask_prob=0.2, dropout_rate=0.2)
 
 
+@jax.custom_vjp
+def _tied_logits(query: jax.Array, table: jax.Array) -> jax.Array:
+  """`[M, E] x [V, E] -> [M, V]` with a layout-friendly backward pass."""
+  return jnp.dot(query, table.T)
+
+
+def _tied_logits_fwd(query, table):
+  return _tied_logits(query, table), (query, table)
+
+
+def _tied_logits_bwd(res, g):
+  query, table = res
+  # d table = (q^T g)^T: XLA:CPU otherwise materialises g^T, a transposed
+  # [V, M] copy of the whole logits gradient (the step's costliest op).
+  return jnp.dot(g, table), jnp.dot(query.T, g).T
+
+
+_tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 class ProposedHeadBert4RecModel(model_lib.Bert4RecModel):
   """Bert4RecModel with the output-layer loss rewritten (experiment only).
 
-  Same loss, same gradients (up to float rounding) as the 'full' loss of
-  `Bert4RecModel.loss_fn`, with three [B, P, V] passes removed:
-    * non-items are masked by a [V] additive bias, not a [B, P, V] select;
-    * the target logit is q . table[target] + bias[target] ([B, P, E]
-      gathers) instead of a one-hot product over V;
+  Same loss and gradients (up to float rounding) as the 'full' loss of
+  `Bert4RecModel.loss_fn`, with the [B*P, V] passes cut down:
+    * the output bias (with -1e9 at non-items, a [V] select instead of a
+      [B, P, V] one) is a column of the table against a constant-1 column of
+      the query, so its gradient comes out of the table's matmul instead of
+      a separate reduction over [B*P, V];
+    * the table gradient is computed as (q^T g)^T (`_tied_logits`), which
+      avoids a transposed copy of the [B*P, V] logits gradient;
+    * the target logit is q . table[target] (a [B, P, E] gather), not a
+      one-hot product over V;
     * `correct` compares the target logit with the row max (shared with the
-      logsumexp) instead of a separate argmax pass (ties count as correct).
+      logsumexp), not a separate argmax pass (ties count as correct).
   """
 
   def loss_fn(self, params, batch, dropout_rng):
@@ -77,13 +103,16 @@ class ProposedHeadBert4RecModel(model_lib.Bert4RecModel):
     hidden, targets, weights = model_lib.gather_predictions(
         hidden, targets, weights, num)
     query = self._apply(params, hidden, method="output_query")  # [B, P, E]
+    query = query.reshape(-1, query.shape[-1]).astype(jnp.float32)
     table, bias = self._table_and_bias(params)
     bias = jnp.where(bert4rec_lib.valid_item_mask(self.config), bias,
                      jnp.float32(-1e9))                          # [V]
-    logits = jnp.einsum("bpe,ve->bpv", query, table) + bias      # [B, P, V]
+    query = jnp.concatenate([query, jnp.ones_like(query[:, :1])], 1)
+    table = jnp.concatenate([table, bias[:, None]], 1)          # [V, E + 1]
+    logits = _tied_logits(query, table)                          # [M, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = (jnp.sum(query * jnp.take(table, targets, axis=0), -1)
-                    + jnp.take(bias, targets))
+    targets, weights = targets.reshape(-1), weights.reshape(-1)
+    target_logit = jnp.sum(query * jnp.take(table, targets, axis=0), -1)
     loss_sum = jnp.sum((lse - target_logit) * weights)
     weight_sum = jnp.sum(weights)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
@@ -98,10 +127,11 @@ def _check_proposed_head_matches(model, params, batch, rng) -> float:
   """Max |difference| of loss and grads between the two losses."""
   ref = model_lib.Bert4RecModel(model.config,
                                 max_predictions=model.max_predictions)
-  g1 = jax.grad(lambda p: ref.loss_fn(p, batch, rng)[0])(params)
-  g2 = jax.grad(lambda p: model.loss_fn(p, batch, rng)[0])(params)
-  l1 = ref.loss_fn(params, batch, rng)[0]
-  l2 = model.loss_fn(params, batch, rng)[0]
+  def loss_and_grad(m):
+    return jax.jit(jax.value_and_grad(
+        lambda p: m.loss_fn(p, batch, rng)[0]))(params)
+  l1, g1 = loss_and_grad(ref)
+  l2, g2 = loss_and_grad(model)
   diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in
            zip(jax.tree.leaves(g1), jax.tree.leaves(g2))]
   return max(diffs + [float(jnp.abs(l1 - l2))])
@@ -130,7 +160,8 @@ def _add(total: Dict[str, int], c: Dict[str, int]) -> None:
 class Setup:
   """Model, sharded state and jitted step for one (packing, P) setting."""
 
-  def __init__(self, args, num_items: int, packed: bool, mesh, rules):
+  def __init__(self, args, num_items: int, packed: bool, mesh, rules,
+               model_cls=model_lib.Bert4RecModel):
     sizes = args.sizes
     self.max_predictions = (args.packed_max_predictions if packed
                             else args.max_predictions)
@@ -139,9 +170,7 @@ class Setup:
         num_layers=sizes["num_layers"], num_heads=sizes["num_heads"],
         mlp_dim=sizes["mlp_dim"], dropout_rate=sizes["dropout_rate"],
         attention_dropout_rate=sizes["dropout_rate"])
-    cls = (ProposedHeadBert4RecModel if args.variant == "proposed_head"
-           else model_lib.Bert4RecModel)
-    self.model = cls(config, max_predictions=self.max_predictions)
+    self.model = model_cls(config, max_predictions=self.max_predictions)
     # The defaults of gin/runs/train.gin (AdamW, warm-up, clipping).
     opt = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
                                   weight_decay=0.01, clip_norm=5.0)
@@ -276,12 +305,18 @@ def parse_args(argv=None):
                  help="padded rows (default ceil(0.2 * L) + 1 = 11)")
   p.add_argument("--packed_max_predictions", type=int, default=None,
                  help="packed rows hold several users' masks (default 2x)")
-  p.add_argument("--variant", default="project",
-                 choices=("project", "proposed_head"))
-  p.add_argument("--prng_impl", default=None,
-                 help="e.g. 'rbg' (jax_default_prng_impl) for an experiment")
+  p.add_argument("--compare_proposed_head", type=int, default=0,
+                 help="1: also time ProposedHeadBert4RecModel in the staged "
+                 "modes, alternating windows with the project's model")
   p.add_argument("--profile_dir", default=None,
                  help="trace 3 staged steps here and add a per-op breakdown")
+  p.add_argument("--quality_epochs", type=int, default=0,
+                 help="> 0: run the packed-vs-padded equal-epoch comparison "
+                 "instead of the throughput modes")
+  p.add_argument("--quality_seeds", type=int, default=2)
+  p.add_argument("--quality_users", type=int, default=6000,
+                 help="synthetic users of the quality comparison")
+  p.add_argument("--quality_items", type=int, default=2000)
   p.add_argument("--matmul_n", type=int, default=4096)
   p.add_argument("--smoke", action="store_true", help="tiny, seconds")
   p.add_argument("--output", required=True)
@@ -298,16 +333,130 @@ def parse_args(argv=None):
   return args
 
 
+def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
+  """Equal-epoch training of padded and packed arms; validation metrics.
+
+  Arms: padded rows (batch B); packed rows (batch B, so ~users-per-row
+  times fewer steps); packed rows with batch B / users-per-row (about the
+  padded arm's users per step and number of steps). Each arm trains
+  `--quality_epochs` epochs (linear warm-up over 10% of its steps, then
+  linear decay) with each of `--quality_seeds` seeds, then ranks every
+  validation user over all items with `evaluation.Evaluator`.
+  """
+  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
+  sizes = args.sizes
+  bs = sizes["batch_size"]
+  mesh = partitioning.make_mesh(1)
+  rules = partitioning.DATA_PARALLEL_RULES
+  packed_probe = input_pipeline.SequenceData(
+      "bench_quality_packed", data["data_dir"], max_len=sizes["max_len"],
+      mask_prob=sizes["mask_prob"], packing=True)
+  # Users per packed row, from one epoch of the packed stream.
+  rows = segs = 0
+  for b in _one_epoch(packed_probe, 32):
+    rows += len(b["item_ids"])
+    segs += int(np.asarray(b["segment_ids"]).max(axis=1).sum())
+  per_row = segs / max(rows, 1)
+  small = max(1, int(round(bs / per_row)))
+  arms = [("padded", False, bs), ("packed", True, bs),
+          ("packed_equal_users_per_step", True, small)]
+  out_arms = []
+  for name, packed, batch in arms:
+    runs = []
+    for seed in range(args.quality_seeds):
+      pipe = input_pipeline.SequenceData(
+          f"bench_quality_{name}_{seed}", data["data_dir"],
+          max_len=sizes["max_len"], mask_prob=sizes["mask_prob"],
+          packing=packed, seed=seed)
+      steps_per_epoch = sum(1 for _ in _one_epoch(pipe, batch))
+      total = max(1, steps_per_epoch * args.quality_epochs)
+      args_copy = argparse.Namespace(**vars(args))
+      args_copy.sizes = dict(sizes, batch_size=batch)
+      setup = Setup(args_copy, pipe.num_items, packed, mesh, rules)
+      opt = trainer.OptimizerConfig(learning_rate=1e-3,
+                                    warmup_steps=max(1, total // 10),
+                                    weight_decay=0.01, clip_norm=5.0)
+      tx, schedule = trainer.make_optimizer(opt, total)
+      setup.state, shardings, _ = trainer.init_state(
+          setup.model, tx, jax.random.PRNGKey(seed), mesh, rules)
+      setup.step = trainer.jit_train_step(
+          trainer.make_train_step(setup.model, tx, schedule), shardings, mesh)
+      setup.rng = jax.random.PRNGKey(1000 + seed)
+      it = pipe.train_batches(0, batch)
+      correct = weight = 0.0
+      t0 = time.perf_counter()
+      for step in range(total):
+        m = jax.device_get(setup.run(
+            partitioning.host_to_global(next(it), mesh)))
+        if step >= total - steps_per_epoch:  # the last epoch
+          correct += float(m["correct_sum"])
+          weight += float(m["weight_sum"])
+      train_s = time.perf_counter() - t0
+      evaluator = evaluation.Evaluator(
+          setup.model, mesh, rules,
+          evaluation.EvalConfig(batch_size=256, splits=("validation",),
+                                popularity_baseline=False))
+      res = evaluator.evaluate(setup.state.params,
+                               pipe.eval_batches("validation", 256))
+      runs.append({"seed": seed, "steps": total, "train_seconds": train_s,
+                   "masked_accuracy": correct / max(weight, 1.0),
+                   "ndcg@10": res["NDCG@10"], "hr@10": res["HR@10"]})
+      print(f"quality {name} seed {seed}: {total} steps, masked acc "
+            f"{runs[-1]['masked_accuracy']:.4f}, NDCG@10 "
+            f"{res['NDCG@10']:.4f}, HR@10 {res['HR@10']:.4f} "
+            f"({train_s:.0f}s)", flush=True)
+    summary = {"name": name, "packed": packed, "rows_per_batch": batch,
+               "steps": runs[0]["steps"], "runs": runs}
+    for key in ("masked_accuracy", "ndcg@10", "hr@10", "train_seconds"):
+      vals = np.array([r[key] for r in runs], np.float64)
+      summary[key] = {"mean": float(vals.mean()),
+                      "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    out_arms.append(summary)
+  return {
+      "benchmark": "packing_quality", "data": data, "sizes": sizes,
+      "epochs": args.quality_epochs, "seeds": args.quality_seeds,
+      "users_per_packed_row": per_row, "arms": out_arms,
+      "description": (
+          f"{args.quality_epochs} epochs on {data['dataset']}, "
+          f"{args.quality_seeds} seeds per arm (mean +- std). Masked "
+          "accuracy: training masked-item accuracy over the last epoch "
+          "(with dropout). Validation: full ranking over all items "
+          "(leave-one-out, history not excluded).")}
+
+
+def _one_epoch(pipe, batch_size: int):
+  from recsys_jax.seqio_ext import feature_converters  # pylint: disable=g-import-not-at-top
+  features = list(input_pipeline.TRAIN_FEATURES + (
+      input_pipeline.PACKED_EXTRA if pipe.packing else ()))
+  return feature_converters.train_batches(
+      pipe.name, batch_size, seed=pipe.seed, num_epochs=1,
+      features=features)
+
+
+def _print(mode: str, res: Dict[str, Any]) -> None:
+  print(f"{mode}: {res['step_time_s']:.3f} s/step, "
+        f"{res['sequences_per_s']:.0f} rows/s, "
+        f"{res['users_per_s']:.0f} users/s, "
+        f"{res['interactions_per_s']:.0f} interactions/s, "
+        f"MFU {100 * res['mfu']:.1f}%", flush=True)
+
+
 def main(argv=None):
   args = parse_args(argv)
   machine = common.machine_info()
-  if args.prng_impl:
-    jax.config.update("jax_default_prng_impl", args.prng_impl)
   if args.smoke:
     data = common.ensure_synthetic(args.data_dir, num_users=120,
                                    num_items=100)
+  elif args.quality_epochs:
+    data = common.ensure_synthetic(args.data_dir, args.quality_users,
+                                   args.quality_items)
   else:
     data = common.ensure_beauty_or_synthetic(args.data_dir)
+  if args.quality_epochs:
+    result = packing_quality(args, data)
+    path = common.write_result(args.output, result, machine)
+    print(f"wrote {path}", flush=True)
+    return result
   sizes = args.sizes
   bs = sizes["batch_size"]
   mesh = partitioning.make_mesh(1)
@@ -317,14 +466,14 @@ def main(argv=None):
     if m not in MODES:
       raise ValueError(f"--modes: unknown mode {m!r}; expected {MODES}")
   result: Dict[str, Any] = {
-      "benchmark": "train_throughput", "variant": args.variant,
-      "prng_impl": args.prng_impl or str(jax.config.jax_default_prng_impl),
+      "benchmark": "train_throughput",
+      "prng_impl": str(jax.config.jax_default_prng_impl),
       "data": data, "sizes": sizes, "devices": [str(d) for d in jax.devices()],
       "steps_per_window": args.steps, "repeats": args.repeats,
       "warmup_steps": args.warmup_steps, "modes": {}}
-  result["matmul_peak"] = common.measure_matmul_peak(args.matmul_n)
-  peak = result["matmul_peak"]["best_gflops"] * 1e9
-  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+  if args.compare_proposed_head:
+    result["proposed_head_modes"] = {}
+  peaks = [common.measure_matmul_peak(args.matmul_n)]
 
   for packed in (False, True):
     kind = "packed" if packed else "padded"
@@ -339,20 +488,41 @@ def main(argv=None):
     first = [next(it) for _ in range(max(args.staged_batches, 1))]
     setup.compile_and_warm(partitioning.host_to_global(first[0], mesh),
                            args.warmup_steps)
-    if args.variant == "proposed_head" and args.smoke:
-      params = setup.state.params
-      b = partitioning.host_to_global(first[0], mesh)
-      result["proposed_head_max_abs_diff"] = _check_proposed_head_matches(
-          setup.model, params, b, jax.random.PRNGKey(3))
+    proposed = None
+    if args.compare_proposed_head:
+      proposed = Setup(args, pipe.num_items, packed, mesh, rules,
+                       model_cls=ProposedHeadBert4RecModel)
+      proposed.compile_and_warm(partitioning.host_to_global(first[0], mesh),
+                                args.warmup_steps)
+      result[f"proposed_head_max_abs_diff_{kind}"] = (
+          _check_proposed_head_matches(
+              proposed.model, setup.state.params,
+              partitioning.host_to_global(first[0], mesh),
+              jax.random.PRNGKey(3)))
     for mode in wanted:
       if mode.startswith("staged"):
-        res = time_staged(setup, first, args.steps, args.repeats)
+        if proposed is None:
+          res = time_staged(setup, first, args.steps, args.repeats)
+        else:
+          # Alternate one window each so load changes hit both alike.
+          ours, prop = [], []
+          for _ in range(args.repeats):
+            ours.append(time_staged(setup, first, args.steps, 1))
+            prop.append(time_staged(proposed, first, args.steps, 1))
+          res = _merge_windows(setup, ours, args.steps)
+          pres = _merge_windows(proposed, prop, args.steps)
+          pres["speedup_per_window"] = [
+              a["step_time_s"] / b["step_time_s"] for a, b in zip(ours, prop)]
+          if args.profile_dir:
+            pres["profile"] = profile_steps(
+                proposed, first[0],
+                os.path.join(args.profile_dir, "proposed_" + mode))
+          result["proposed_head_modes"][mode] = pres
       else:
         for _ in range(args.warmup_steps):  # warm the pipeline's buffers
           jax.device_get(setup.run(partitioning.host_to_global(next(it),
                                                                mesh)))
         res = time_pipeline(setup, it, args.steps, args.repeats)
-      res["mfu"] = res["achieved_gflops"] * 1e9 / peak
       if args.profile_dir and mode.startswith("staged"):
         res["profile"] = profile_steps(
             setup, first[0], os.path.join(args.profile_dir, mode))
@@ -361,14 +531,44 @@ def main(argv=None):
       res["flops_per_row_forward"] = setup.flops_breakdown
       res["padded_vocab"] = setup.padded_vocab
       result["modes"][mode] = res
-      print(f"{mode}: {res['step_time_s']:.3f} s/step, "
-            f"{res['sequences_per_s']:.0f} rows/s, "
-            f"{res['users_per_s']:.0f} users/s, "
-            f"{res['interactions_per_s']:.0f} interactions/s, "
-            f"MFU {100 * res['mfu']:.1f}%", flush=True)
+    peaks.append(common.measure_matmul_peak(args.matmul_n))
+
+  # The peak: best over the measurements taken around the step timings.
+  best = max(peaks, key=lambda p: p["best_gflops"])
+  result["matmul_peak"] = dict(best, all_best_gflops=[
+      p["best_gflops"] for p in peaks])
+  peak = best["best_gflops"] * 1e9
+  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+  for group in ("modes", "proposed_head_modes"):
+    for mode, res in result.get(group, {}).items():
+      res["mfu"] = res["achieved_gflops"] * 1e9 / peak
+      res["mfu_best_window"] = (setup_flops(res) /
+                                min(res["step_time_windows_s"]) / peak)
+      _print(("proposed_head " if group != "modes" else "") + mode, res)
   path = common.write_result(args.output, result, machine)
   print(f"wrote {path}", flush=True)
   return result
+
+
+def setup_flops(res: Dict[str, Any]) -> float:
+  return res["gflop_per_step"] * 1e9
+
+
+def _merge_windows(setup: Setup, results: List[Dict[str, Any]],
+                   steps: int) -> Dict[str, Any]:
+  """One summary from single-window `time_staged` results."""
+  windows = [w * steps for r in results for w in r["step_time_windows_s"]]
+  counts = {"rows": 0, "users": 0, "interactions": 0, "masked": 0,
+            "masked_dropped": 0}
+  for r in results:
+    rows = r["rows_per_step"] * steps
+    counts["rows"] += rows
+    counts["users"] += r["users_per_row"] * rows
+    counts["interactions"] += r["interactions_per_row"] * rows
+    counts["masked"] += r["masked_per_row"] * rows
+    counts["masked_dropped"] += r["masked_dropped_fraction"] * (
+        r["masked_per_row"] * rows)
+  return _summary(setup, windows, steps, counts, len(results))
 
 
 if __name__ == "__main__":

@@ -94,3 +94,19 @@ def restore_params(directory: str, abstract_params: Any = None) -> Any:
   if abstract_params is None:
     return ckptr.restore(os.path.abspath(directory))
   return ckptr.restore(os.path.abspath(directory), abstract_params)
+
+
+def restore_to_host(directory: str) -> Any:
+  """Any pytree checkpoint as NumPy arrays, whatever mesh or process count
+  wrote it (read through this process's first device; for inspection and
+  tests, not for sharded restore)."""
+  ckptr = ocp.PyTreeCheckpointer()
+  directory = os.path.abspath(directory)
+  tree = ckptr.metadata(directory)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
+  restored = ckptr.restore(directory,
+                           args=ocp.args.PyTreeRestore(restore_args=args))
+  return jax.tree.map(np.asarray, restored)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recsys_jax import distributed
 from recsys_jax import metrics
 from recsys_jax import partitioning
 from recsys_jax import ranking
@@ -122,6 +123,7 @@ class Evaluator:
         return ranking.target_rank(scores, safe, exclude)
       rank_fn = jax.jit(pop_rank, out_shardings=partitioning.batch_sharding(
           self.mesh))
+    compiled = False
     for local in batches:
       valid = np.asarray(local["valid"]) > 0
       model_batch = {k: v for k, v in local.items() if k != "valid"}
@@ -136,6 +138,12 @@ class Evaluator:
       global_batch = partitioning.host_to_global(model_batch, self.mesh)
       negs = global_batch.pop("negatives")
       with partitioning.with_rules(self.rules, self.mesh):
+        if jax.process_count() > 1 and not compiled:
+          # Compile, then line the hosts up before the first collective
+          # (see distributed.barrier); every eval batch has this shape.
+          rank_fn = rank_fn.lower(params, global_batch, negs).compile()
+          compiled = True
+          distributed.barrier("eval_start")
         ranks = rank_fn(params, global_batch, negs)
       acc.add(_local_rows(ranks), valid=valid)
     return acc.merge_across_processes().result()

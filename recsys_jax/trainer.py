@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from recsys_jax import checkpoints
+from recsys_jax import distributed
 from recsys_jax import partitioning
 
 
@@ -286,6 +287,11 @@ def train_loop(
                          f"per-process batch {local_bs}")
       batch = partitioning.host_to_global(local, mesh)
       with partitioning.with_rules(rules, mesh):
+        if step == start and jax.process_count() > 1:
+          # Hosts finish compiling at different times; line them up before
+          # the first cross-host collective (see distributed.barrier).
+          step_fn = step_fn.lower(state, batch, step_rng).compile()
+          distributed.barrier("train_start")
         state, metrics = step_fn(state, batch, step_rng)
       step += 1
       window.add(metrics)

@@ -79,13 +79,15 @@ def _wait_all(procs, timeout=600):
   forever in a collective) and reports it."""
   deadline = time.time() + timeout
   while any(p.proc.poll() is None for p in procs):
-    failed = [p for p in procs if p.proc.poll() not in (None, 0)]
+    # A process that raised waits in jax.distributed's shutdown for its peer.
+    failed = [p for p in procs if p.proc.poll() not in (None, 0)
+              or "Traceback (most recent call last)" in p.stderr()]
     if failed or time.time() > deadline:
       for p in procs:
         p.kill()
       break
-    time.sleep(0.1)
-  return [p.wait(1).check() for p in procs]
+    time.sleep(0.5)
+  return [p.wait(30).check() for p in procs]
 
 
 def _scalars(model_dir, tag):
@@ -106,7 +108,11 @@ def _eval_json(model_dir, step=N_STEPS):
 
 
 def _params(model_dir, step=N_STEPS):
-  return helpers.flat(helpers.restore_state(model_dir, step)["params"])
+  """Saved params on this (1-device) process, whatever mesh wrote them."""
+  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  state = checkpoints.restore_to_host(
+      os.path.join(model_dir, f"checkpoint_{step}", "state"))
+  return helpers.flat(state["params"])
 
 
 class Runs:

@@ -1,0 +1,206 @@
+"""Benchmarks: FLOP count vs the model's own matmuls, --smoke runs, RESULTS.md.
+
+The RecBole peer never runs here (it needs its own virtualenv); only its
+data conversion is checked.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common
+from benchmarks import eval_throughput
+from benchmarks import recbole_peer
+from benchmarks import train_throughput
+from recsys_jax import model_lib
+from recsys_jax.models import bert4rec
+
+
+def _dot_flops(jaxpr) -> float:
+  """2 x multiply-adds of every dot_general in a (closed) jaxpr, recursively."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      out = eqn.outvars[0].aval.shape
+      contract = math.prod(lhs[d] for d in lc)
+      del rhs, lb
+      total += 2.0 * math.prod(out) * contract
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    total += _dot_flops(getattr(sub, "jaxpr", sub))
+  return total
+
+
+@pytest.mark.parametrize("output_transform", [True, False])
+def test_flop_count_equals_the_models_matmuls(output_transform):
+  cfg = bert4rec.Bert4RecConfig(num_items=40, max_len=6, hidden=8,
+                                num_layers=2, num_heads=2, mlp_dim=12,
+                                dropout_rate=0.0, attention_dropout_rate=0.0,
+                                output_transform=output_transform)
+  model = model_lib.Bert4RecModel(cfg, max_predictions=3)
+  params = jax.tree.map(
+      lambda x: x, __import__("flax").linen.meta.unbox(
+          model.get_initial_variables(jax.random.PRNGKey(0))["params"]))
+  b, l = 5, cfg.max_len
+  ids = np.arange(1, b * l + 1, dtype=np.int32).reshape(b, l) % 40 + 1
+  weights = np.zeros((b, l), np.float32)
+  weights[:, :2] = 1.0
+  batch = {"item_ids": ids, "targets": ids * (weights > 0),
+           "loss_weights": weights}
+  jaxpr = jax.make_jaxpr(lambda p: model.loss_fn(p, batch, None)[0])(params)
+  counted = common.bert4rec_flops_per_row(
+      length=l, hidden=8, num_layers=2, mlp_dim=12, predictions=3,
+      vocab=cfg.padded_vocab, output_transform=output_transform)
+  assert counted["total"] * b == _dot_flops(jaxpr.jaxpr)
+  assert common.train_flops_per_step(
+      b, length=l, hidden=8, num_layers=2, mlp_dim=12, predictions=3,
+      vocab=cfg.padded_vocab, output_transform=output_transform) == (
+          3 * b * counted["total"])
+
+
+def test_flop_count_by_hand():
+  f = common.bert4rec_flops_per_row(length=4, hidden=8, num_layers=1,
+                                    mlp_dim=16, predictions=2, vocab=32)
+  assert f["qkv_out"] == 4 * (2 * 4 * 8 * 8)
+  assert f["attention"] == 2 * (2 * 4 * 4 * 8)
+  assert f["mlp"] == 2 * (2 * 4 * 8 * 16)
+  assert f["output"] == 2 * 2 * 8 * 32 + 2 * 2 * 8 * 8
+  assert f["total"] == sum(v for k, v in f.items() if k != "total")
+
+
+def test_proposed_head_matches_project_loss_and_grads():
+  cfg = bert4rec.Bert4RecConfig(num_items=30, max_len=8, hidden=16,
+                                num_layers=1, num_heads=2, mlp_dim=32,
+                                dropout_rate=0.1, attention_dropout_rate=0.1)
+  ref = model_lib.Bert4RecModel(cfg, max_predictions=3)
+  new = train_throughput.ProposedHeadBert4RecModel(cfg, max_predictions=3)
+  params = __import__("flax").linen.meta.unbox(
+      ref.get_initial_variables(jax.random.PRNGKey(0))["params"])
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 31, (4, 8)).astype(np.int32)
+  ids[1, 5:] = 0
+  w = (rng.random((4, 8)) < 0.3).astype(np.float32) * (ids > 0)
+  w[:, 0] = 1.0
+  batch = {"item_ids": np.where(w > 0, cfg.mask_id, ids).astype(np.int32),
+           "targets": (ids * (w > 0)).astype(np.int32), "loss_weights": w}
+  key = jax.random.PRNGKey(5)
+  (l1, a1), g1 = jax.value_and_grad(ref.loss_fn, has_aux=True)(
+      params, batch, key)
+  (l2, a2), g2 = jax.value_and_grad(new.loss_fn, has_aux=True)(
+      params, batch, key)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for k in ("loss_sum", "weight_sum", "correct_sum"):
+    np.testing.assert_allclose(a1[k], a2[k], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("bench") / "synthetic")
+  common.ensure_synthetic(path, num_users=120, num_items=100)
+  return path
+
+
+def test_train_throughput_smoke(smoke_data, tmp_path):
+  out = tmp_path / "train.json"
+  train_throughput.main(["--smoke", "--data_dir", smoke_data,
+                         "--compare_proposed_head", "1",
+                         "--output", str(out)])
+  res = json.loads(out.read_text())
+  assert set(res["modes"]) == set(train_throughput.MODES)
+  peak = res["matmul_peak"]["best_gflops"]
+  assert peak > 0
+  length = train_throughput.SMOKE_SIZES["max_len"]
+  for mode, m in res["modes"].items():
+    assert m["step_time_s"] > 0
+    assert m["sequences_per_s"] == pytest.approx(
+        m["rows_per_step"] / m["step_time_s"])
+    assert 0 < m["interactions_per_row"] <= length
+    assert m["mfu"] == pytest.approx(m["achieved_gflops"] / peak)
+    assert m["achieved_gflops"] == pytest.approx(
+        m["gflop_per_step"] / m["step_time_s"])
+    if mode.endswith("padded"):
+      assert m["users_per_row"] == 1.0
+      assert m["masked_dropped_fraction"] == 0.0
+  packed = res["modes"]["staged_packed"]
+  padded = res["modes"]["staged_padded"]
+  # Packing puts several users in a row, so far fewer padding positions.
+  assert packed["users_per_row"] > 1.0
+  assert packed["interactions_per_row"] > padded["interactions_per_row"]
+  assert set(res["proposed_head_modes"]) == {"staged_padded", "staged_packed"}
+  assert res["proposed_head_max_abs_diff_padded"] < 1e-4
+  assert res["machine"]["command"]
+  assert res["machine"]["cpu_model"]
+
+
+def test_eval_throughput_smoke(smoke_data, tmp_path):
+  out = tmp_path / "eval.json"
+  eval_throughput.main(["--smoke", "--data_dir", smoke_data,
+                        "--output", str(out)])
+  res = json.loads(out.read_text())
+  assert res["users"] == 120  # every validation user once
+  assert res["metrics_untrained"]["num_users"] == 120
+  for mode in eval_throughput.MODES:
+    m = res["modes"][mode]
+    assert m["users_per_s"] == pytest.approx(
+        120 / float(np.median(m["seconds"])))
+  assert res["users_per_s"] == res["modes"]["pipeline"]["users_per_s"]
+  # Regrouping users by length and cutting padding must not change metrics.
+  bucketed = res["modes"]["staged_bucketed"]
+  assert min(bucketed["row_lengths"]) < train_throughput.SMOKE_SIZES["max_len"]
+  for k, v in res["modes"]["staged"]["metrics"].items():
+    assert bucketed["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+  assert 0.0 <= res["metrics_untrained"]["NDCG@10"] <= 1.0
+
+
+def test_recbole_inter_file(tmp_path):
+  raw = tmp_path / "Beauty.txt"
+  raw.write_text("1 5 7 9\n2 7 3\n")
+  path = recbole_peer.write_inter_file(str(raw), str(tmp_path / "work"))
+  lines = open(path).read().splitlines()
+  assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+  assert lines[1:] == ["1\t5\t0", "1\t7\t1", "1\t9\t2", "2\t7\t0", "2\t3\t1"]
+  bad = tmp_path / "bad.txt"
+  bad.write_text("1 5\n7\n")
+  with pytest.raises(ValueError, match="bad.txt:2"):
+    recbole_peer.write_inter_file(str(bad), str(tmp_path / "work2"))
+
+
+def _fake(path, payload):
+  common.write_result(str(path), payload)
+
+
+def test_summarize_ratios_and_targets(tmp_path):
+  res = tmp_path / "results"
+  res.mkdir()
+  mode = {"step_time_s": 1.0, "sequences_per_s": 300.0, "users_per_s": 300.0,
+          "interactions_per_s": 2000.0, "tokens_per_s": 15000.0,
+          "gflop_per_step": 20.0, "achieved_gflops": 20.0, "mfu": 0.4}
+  packed = dict(mode, interactions_per_s=4000.0)
+  for r, ours_seq in ((1, 300.0), (2, 320.0), (3, 310.0)):
+    _fake(res / f"train_throughput_round{r}.json",
+          {"modes": {"staged_padded": dict(mode, sequences_per_s=ours_seq),
+                     "pipeline_packed": packed},
+           "matmul_peak": {"best_gflops": 50.0}})
+    _fake(res / f"recbole_round{r}.json",
+          {"trainer": {"sequences_per_s": 100.0, "interactions_per_s": 1000.0},
+           "staged": {"sequences_per_s": 200.0},
+           "users_per_s": 100.0})
+    _fake(res / f"eval_throughput_round{r}.json", {"users_per_s": 250.0})
+  out = common.summarize(str(res), str(tmp_path / "RESULTS.md"))
+  text = open(out).read()
+  # staged padded: median 310 vs 200 -> 1.55x, target 1.5x met.
+  assert "| 310 | 200 | 1.55x | >= 1.5x RecBole seq/s, padded: met |" in text
+  # packed interactions 4000 vs 1000 -> 4.00x >= 3x.
+  assert "| 4,000 | 1,000 | 4.00x |" in text
+  # evaluation 250 vs 100 = 2.5x < 3x.
+  assert "| 250 | 100 | 2.50x | >= 3x RecBole users/s: NOT met |" in text
+  assert "MFU target (>= 50% of the matmul peak): NOT met" in text
