@@ -91,9 +91,9 @@ def test_proposed_head_matches_project_loss_and_grads():
   batch = {"item_ids": np.where(w > 0, cfg.mask_id, ids).astype(np.int32),
            "targets": (ids * (w > 0)).astype(np.int32), "loss_weights": w}
   key = jax.random.PRNGKey(5)
-  (l1, a1), g1 = jax.value_and_grad(ref.loss_fn, has_aux=True)(
+  (l1, a1), g1 = jax.jit(jax.value_and_grad(ref.loss_fn, has_aux=True))(
       params, batch, key)
-  (l2, a2), g2 = jax.value_and_grad(new.loss_fn, has_aux=True)(
+  (l2, a2), g2 = jax.jit(jax.value_and_grad(new.loss_fn, has_aux=True))(
       params, batch, key)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for k in ("loss_sum", "weight_sum", "correct_sum"):
@@ -111,11 +111,14 @@ def smoke_data(tmp_path_factory):
 
 def test_train_throughput_smoke(smoke_data, tmp_path):
   out = tmp_path / "train.json"
+  # Two of the four modes (one per compiled step: padded and packed) keep
+  # the test short; XLA:CPU compiles dominate its time.
   train_throughput.main(["--smoke", "--data_dir", smoke_data,
-                         "--compare_proposed_head", "1",
-                         "--output", str(out)])
+                         "--modes", "staged_padded,staged_packed,"
+                         "pipeline_packed", "--output", str(out)])
   res = json.loads(out.read_text())
-  assert set(res["modes"]) == set(train_throughput.MODES)
+  assert set(res["modes"]) == {"staged_padded", "staged_packed",
+                                "pipeline_packed"}
   peak = res["matmul_peak"]["best_gflops"]
   assert peak > 0
   length = train_throughput.SMOKE_SIZES["max_len"]
@@ -135,8 +138,6 @@ def test_train_throughput_smoke(smoke_data, tmp_path):
   # Packing puts several users in a row, so far fewer padding positions.
   assert packed["users_per_row"] > 1.0
   assert packed["interactions_per_row"] > padded["interactions_per_row"]
-  assert set(res["proposed_head_modes"]) == {"staged_padded", "staged_packed"}
-  assert res["proposed_head_max_abs_diff_padded"] < 1e-4
   assert res["machine"]["command"]
   assert res["machine"]["cpu_model"]
 
