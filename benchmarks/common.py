@@ -126,6 +126,49 @@ def stats(values: Sequence[float]) -> Dict[str, Any]:
           "max": max(values), "n": len(values), "values": values}
 
 
+# -- alternation between two processes -------------------------------------------
+
+
+class Turns:
+  """Strict alternation of timed windows between two processes.
+
+  Ours (parity 0) and RecBole (parity 1) share a counter file; a process
+  times a window only when `counter % 2 == parity` and then advances it, so
+  the other side waits (sleeping) while one measures, and consecutive
+  windows of the two sides see nearly the same machine load.
+  """
+
+  # The phases both sides walk through, in order; ours does the named mode,
+  # RecBole its staged (staged_*), DataLoader (pipeline_*) or eval window.
+  PHASES = ("staged_padded", "staged_packed", "pipeline_padded",
+            "pipeline_packed", "eval")
+
+  def __init__(self, path: str, parity: int, timeout_s: float = 3600.0):
+    self.path, self.parity, self.timeout_s = path, int(parity), timeout_s
+
+  def _read(self) -> int:
+    try:
+      with open(self.path) as f:
+        return int(f.read().strip() or 0)
+    except FileNotFoundError:
+      return 0
+
+  def wait(self) -> None:
+    import time  # pylint: disable=g-import-not-at-top
+    deadline = time.monotonic() + self.timeout_s
+    while self._read() % 2 != self.parity:
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"{self.path}: the other side did not finish its "
+                           f"window within {self.timeout_s:.0f}s")
+      time.sleep(0.05)
+
+  def done(self) -> None:
+    tmp = f"{self.path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(str(self._read() + 1))
+    os.replace(tmp, self.path)
+
+
 # -- FLOPs ---------------------------------------------------------------------
 
 
@@ -134,8 +177,11 @@ def bert4rec_flops_per_row(*, length: int, hidden: int, num_layers: int,
                            output_transform: bool = True) -> Dict[str, float]:
   """Forward matmul FLOPs of one Bert4Rec row (2 FLOPs per multiply-add).
 
-  The embedding gather, LayerNorm, softmax and other element-wise work are
-  not counted (the usual MFU convention). Attention is dense over the row
+  The embedding gather, LayerNorm, softmax, bias adds and other element-wise
+  work are not counted (the usual MFU convention; the output bias, which
+  `losses.tied_softmax_cross_entropy` folds into the tied matmul as an extra
+  table column, is left out too: 2 x V per prediction, 1/E of the output
+  layer). Attention is dense over the row
   (padding and packing masks do not save work). The output layer runs only at
   the `predictions` gathered positions, over the padded vocabulary.
 
@@ -381,6 +427,130 @@ def _met(ratio: Optional[float], target: float) -> str:
   return "met" if ratio >= target else "NOT met"
 
 
+# The record of the output-layer change (profiling-driven; now
+# `recsys_jax.losses.tied_softmax_cross_entropy`): the runs that timed the
+# project model before it against the rewritten head, copied out of their
+# round files so that run_all.sh (which clears *_round*.json) keeps them.
+HEAD_CHANGE_RECORD = "output_layer_change_before_after.json"
+
+
+def head_change_record(round_files: Sequence[str]) -> Dict[str, Any]:
+  """The before/after parts of train_throughput round files that hold a
+  `proposed_head_modes` key (written by the former --compare_proposed_head)."""
+  runs = []
+  for path in round_files:
+    r = _load(path)
+    if not r or not r.get("proposed_head_modes"):
+      continue
+    runs.append({
+        "source": os.path.basename(path),
+        "machine": r.get("machine", {}),
+        "sizes": r.get("sizes"), "data": r.get("data"),
+        "before": {m: r["modes"][m] for m in r["proposed_head_modes"]
+                   if m in r.get("modes", {})},
+        "after": r["proposed_head_modes"],
+        "max_abs_diff_loss_and_grads": {
+            k.rsplit("_", 1)[-1]: v for k, v in r.items()
+            if k.startswith("proposed_head_max_abs_diff_")},
+        "matmul_peak": r.get("matmul_peak")})
+  return {"benchmark": "output_layer_change_before_after",
+          "description": (
+              "before: the project's Bert4RecModel 'full' loss as it was "
+              "(logits [B, P, V] + masked_softmax_cross_entropy + argmax); "
+              "after: the rewritten output layer, then an experiment in "
+              "benchmarks/train_throughput.py (ProposedHeadBert4RecModel), "
+              "now recsys_jax.losses.tied_softmax_cross_entropy. Timed in "
+              "the same process, alternating one window each."),
+          "runs": runs}
+
+
+def _head_change_section(results_dir: str,
+                         ours_train: List[Dict[str, Any]]) -> List[str]:
+  """RESULTS.md's before/after table of the output-layer change."""
+  record = _load(os.path.join(results_dir, HEAD_CHANGE_RECORD)) or {}
+  runs = list(record.get("runs", []))
+  seen = {r.get("machine", {}).get("date_utc") for r in runs}
+  for r in ours_train:  # older round files still holding the experiment
+    if (r.get("proposed_head_modes")
+        and r.get("machine", {}).get("date_utc") not in seen):
+      runs.append({"machine": r.get("machine", {}),
+                   "before": r.get("modes", {}),
+                   "after": r["proposed_head_modes"]})
+  rows = []
+  for mode in ("staged_padded", "staged_packed"):
+    have = [r for r in runs if mode in r.get("after", {})
+            and mode in r.get("before", {})]
+    if not have:
+      continue
+    before = statistics.median(r["before"][mode]["step_time_s"] for r in have)
+    after = statistics.median(r["after"][mode]["step_time_s"] for r in have)
+    speedups = [x for r in have
+                for x in r["after"][mode].get("speedup_per_window", [])]
+    mfu_b = statistics.median(r["before"][mode]["mfu"] for r in have)
+    mfu_a = statistics.median(r["after"][mode]["mfu"] for r in have)
+    rows.append(
+        f"| {mode} | {_fmt(before, 3)} | {_fmt(after, 3)} | "
+        f"{_fmt(statistics.median(speedups), 2) + 'x' if speedups else 'n/a'}"
+        f" | {_fmt(100 * mfu_b, 1)}% | {_fmt(100 * mfu_a, 1)}% | {len(have)} |")
+  if not rows:
+    return []
+  dates = sorted({r.get("machine", {}).get("date_utc", "?") for r in runs})
+  loads = [x for r in runs for x in
+           (r.get("machine", {}).get("load_average_start", [None])[:1])
+           if x is not None]
+  return [
+      "## Record: the output-layer change, before / after", "",
+      "Profiling the training step (`train_throughput.py --profile_dir`) "
+      "found its costliest op to be a transposed copy of the `[B*P, V]` "
+      "logits gradient in the tied output layer. The rewrite (output bias folded into "
+      "the tied matmul as an extra column, table gradient as (q^T g)^T "
+      "without a transposed copy of the logits gradient, target logit "
+      "gathered, no argmax pass) is now project code, "
+      "`recsys_jax.losses.tied_softmax_cross_entropy` (same loss and "
+      "gradients: tests/test_losses.py). These rows are the measurements "
+      "that motivated it, taken before the change with the rewrite as a "
+      "benchmark-only experiment, alternating one window each in the same "
+      f"process ({', '.join(dates)}; load average at start "
+      f"{', '.join(f'{x:.1f}' for x in loads)}, so only the paired ratio is"
+      f" meaningful; source: `benchmarks/results/{HEAD_CHANGE_RECORD}`). "
+      "The throughput tables above measure the project code at each round"
+      " file's date (`machine.date_utc`); rounds after the change include "
+      "it.",
+      "",
+      "| mode | before: s/step | after: s/step | speedup (median of paired "
+      "windows) | MFU before | MFU after | runs |",
+      "|---|---|---|---|---|---|---|"] + rows + [""]
+
+
+def _quality_section(results_dir: str) -> List[str]:
+  """RecBole's time-to-quality runs (recbole_quality_*.json)."""
+  runs = _rounds(results_dir, "recbole_quality_")
+  if not runs:
+    return []
+  rows = []
+  for r in runs:
+    t = r.get("time_to_target_train_s")
+    final = r.get("final_test", {})
+    rows.append(
+        f"| {r.get('peer')} | {_fmt(r.get('budget_s'))} | "
+        f"{_fmt(r.get('train_s'))} | {_fmt(r.get('epochs'), 2)} | "
+        f"{_fmt(final.get('hit@10'), 4)} | {_fmt(final.get('ndcg@10'), 4)} |"
+        f" {_fmt(r.get('best_test_ndcg@10'), 4)} | "
+        f"{'not reached' if t is None else _fmt(t / 60, 1) + ' min'} | "
+        f"{_fmt(r.get('machine', {}).get('load_average_start', [None])[0], 1)}"
+        " |")
+  target = runs[0].get("target_ndcg@10", 0.040)
+  return [
+      "## RecBole time to quality (Beauty test split)", "",
+      f"Training time (DataLoader included, evaluations excluded) until test "
+      f"NDCG@10 >= {target:.3f}, evaluated every "
+      f"{_fmt(runs[0].get('eval_every_s'))} s of training; "
+      f"{runs[0].get('protocol', '')}.", "",
+      "| model | budget s | trained s | epochs | final test HR@10 | final "
+      "test NDCG@10 | best test NDCG@10 | time to target | load at start |",
+      "|---|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def summarize(results_dir: str = RESULTS_DIR,
               out_path: Optional[str] = None) -> str:
   """Builds RESULTS.md from the round files train_*/eval_*/recbole_*.json."""
@@ -412,6 +582,17 @@ def summarize(results_dir: str = RESULTS_DIR,
               f"each measurement: {', '.join(f'{x:.1f}' for x in loads)} "
               "(other jobs share the cores, so absolute figures are noisy; "
               "the A/B alternation keeps the ratios fair).", ""]
+    cores = machine.get("cores_usable") or 1
+    busy = [x for x in loads if x > 0.5 * cores]
+    if busy:
+      lines += [f"**Warning: {len(busy)} of {len(loads)} measurements started"
+                f" at a load average above {0.5 * cores:g} (half the usable "
+                "cores): these figures are not valid as a comparison. Under "
+                "contention torch's OpenMP threads spin at their barriers, so "
+                "RecBole with 2 threads slows far more than the load alone "
+                "explains (measured: 3-5x slower than 1 thread at load 10-13 "
+                "on 2 cores). Rerun `bash benchmarks/run_all.sh` on a quiet "
+                "machine.**", ""]
 
   def ours(mode, key):
     return _median_over_rounds(ours_train, "modes", mode, key)
@@ -494,34 +675,7 @@ def summarize(results_dir: str = RESULTS_DIR,
     lines += [f"MFU target (>= {int(MFU_TARGET * 100)}% of the matmul peak):"
               f" {'met' if best_mfu >= MFU_TARGET else 'NOT met'} (best "
               f"{100 * best_mfu:.1f}%).", ""]
-  prop = [r for r in ours_train if r.get("proposed_head_modes")]
-  if prop:
-    prows = []
-    for mode in ("staged_padded", "staged_packed"):
-      before = _median_over_rounds(prop, "modes", mode, "step_time_s")
-      after = _median_over_rounds(prop, "proposed_head_modes", mode,
-                                  "step_time_s")
-      speedups = [x for r in prop for x in r["proposed_head_modes"].get(
-          mode, {}).get("speedup_per_window", [])]
-      if before is None or after is None:
-        continue
-      mfu = _median_over_rounds(prop, "proposed_head_modes", mode, "mfu")
-      prows.append(
-          f"| {mode} | {_fmt(before, 3)} | {_fmt(after, 3)} | "
-          f"{_fmt(statistics.median(speedups), 2)}x | "
-          f"{_fmt(None if mfu is None else 100 * mfu, 1)}% |")
-    lines += ["## Proposed output-layer change (experiment, not yet in "
-              "recsys_jax)", "",
-              "`ProposedHeadBert4RecModel` in benchmarks/train_throughput.py: "
-              "the same loss and gradients (checked in "
-              "tests/test_benchmarks_smoke.py) with the output bias folded "
-              "into the tied matmul, the table gradient computed as "
-              "(q^T g)^T, the target logit gathered, and no argmax pass. "
-              "Timed in the same process, alternating windows with the "
-              "project's model.", "",
-              "| mode | project s/step | proposed s/step | speedup (median of "
-              "paired windows) | MFU proposed |",
-              "|---|---|---|---|---|"] + prows + [""]
+  lines += _head_change_section(results_dir, ours_train)
   quality = _load(os.path.join(results_dir, "packing_quality.json"))
   if quality:
     qrows = []
@@ -539,14 +693,22 @@ def summarize(results_dir: str = RESULTS_DIR,
               "| arm | rows/batch | steps | masked acc (held-out rows) | "
               "val NDCG@10 | val HR@10 | train s |",
               "|---|---|---|---|---|---|---|"] + qrows + [""]
-  commands = []
-  for r in ours_train[:1] + rb_train[:1] + ours_eval[:1]:
-    c = r.get("machine", {}).get("command")
-    if c:
-      commands.append(c)
+  lines += _quality_section(results_dir)
+  timed = sorted(ours_train + rb_train + ours_eval,
+                 key=lambda r: r.get("machine", {}).get("date_utc", ""))
+  commands = [r["machine"]["command"] for r in timed
+              if r.get("machine", {}).get("command")]
   if commands:
-    lines += ["## Exact commands (first round; see run_all.sh)", "", "```"]
+    lines += ["## Exact commands", "",
+              "Reproduce with `bash benchmarks/run_all.sh` (settings in its "
+              "header, e.g. `ROUNDS=3`; they show as the flags below). The "
+              "measurement processes of these results, in the order they "
+              "ran:", "", "```"]
     lines += commands + ["```", ""]
+  million = _load(os.path.join(results_dir, "million_items.json"))
+  if million:  # its own run (python -m benchmarks.million_items), kept here
+    from benchmarks import million_items  # pylint: disable=g-import-not-at-top
+    lines += [million_items.results_section(million), ""]
   text = "\n".join(lines)
   out_path = out_path or os.path.join(os.path.dirname(results_dir),
                                       "RESULTS.md")

@@ -14,7 +14,8 @@ from the arrays' addressable shards, next to the arithmetic
 
 Writes benchmarks/results/million_items.json and the '## 10^6-item catalogue'
 section at the end of benchmarks/RESULTS.md (replacing an older copy of that
-section only). Emulated CPU devices share the host's memory and cores, so the
+section only; `python -m benchmarks.common summarize` rebuilds it from the
+JSON). Emulated CPU devices share the host's memory and cores, so the
 times say little about accelerators; the byte counts are exact.
 """
 
@@ -40,12 +41,22 @@ SECTION = "## 10^6-item catalogue"
 DEFAULT_OUTPUT = os.path.join(common.RESULTS_DIR, "million_items.json")
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+  """A memory line of /proc/self/status (VmRSS, VmHWM = peak RSS) in MiB."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) / 1024
   return float("nan")
+
+
+def _reset_peak_rss():
+  """Restarts VmHWM from the current RSS (Linux), so each loss gets its own."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
 
 
 def _peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
@@ -54,26 +65,34 @@ def _peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
 
 def generate(data_dir: str, num_users: int, num_items: int) -> dict:
   """Makes the dataset in a child process (its own time and peak RSS)."""
+  import json  # pylint: disable=g-import-not-at-top
   stats_path = os.path.join(data_dir, "stats.json")
+  # The first run's generation time and RSS, reported again on reuse.
+  record_path = os.path.join(data_dir, "million_items_generation.json")
   if os.path.exists(stats_path):
-    import json  # pylint: disable=g-import-not-at-top
     with open(stats_path) as f:
       stats = json.load(f)
     if stats["items"] != num_items or stats["users"] != num_users:
       raise ValueError(f"{data_dir} holds {stats['users']} users x "
                        f"{stats['items']} items; expected {num_users} x "
                        f"{num_items} (pick another --data_dir)")
-    return {"reused": True, "path": data_dir}
+    record = {}
+    if os.path.exists(record_path):
+      with open(record_path) as f:
+        record = json.load(f)
+    return {**record, "reused": True, "path": data_dir}
   code = ("import sys; from recsys_jax.data import synthetic; "
           "synthetic.generate(sys.argv[1], num_users=int(sys.argv[2]), "
           "num_items=int(sys.argv[3]), text_vocab_size=None)")
   start = time.time()
   subprocess.run([sys.executable, "-c", code, data_dir, str(num_users),
                   str(num_items)], check=True, cwd=common.REPO_ROOT)
-  return {"reused": False, "path": data_dir,
-          "seconds": round(time.time() - start, 1),
-          "peak_rss_mib": round(_peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
-          "text_vocab": None}
+  record = {"seconds": round(time.time() - start, 1),
+            "peak_rss_mib": round(_peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
+            "load_average": common.load_average(), "text_vocab": None}
+  with open(record_path, "w") as f:
+    json.dump(record, f)
+  return {**record, "reused": False, "path": data_dir}
 
 
 def device_bytes(tree, device) -> int:
@@ -87,8 +106,8 @@ def device_bytes(tree, device) -> int:
   return total
 
 
-def run_loss(args, data, loss: str) -> dict:
-  """Trains `args.steps` steps with `loss`; returns timings and bytes."""
+def run_loss(args, data, loss: str, steps: int) -> dict:
+  """Trains `steps` steps with `loss`; returns timings and bytes."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from recsys_jax import builders  # pylint: disable=g-import-not-at-top
@@ -104,7 +123,9 @@ def run_loss(args, data, loss: str) -> dict:
   mesh = partitioning.make_mesh(args.model_parallelism)
   rules = partitioning.get_rules("vocab_parallel")
   tx, schedule = trainer.make_optimizer(
-      trainer.OptimizerConfig(warmup_steps=0, decay="constant"), args.steps)
+      trainer.OptimizerConfig(warmup_steps=0, decay="constant"), steps)
+  _reset_peak_rss()
+  rss_before = _status_mib("VmRSS")
   t0 = time.time()
   state, shardings, _ = trainer.init_state(model, tx, jax.random.PRNGKey(0),
                                            mesh, rules)
@@ -132,7 +153,7 @@ def run_loss(args, data, loss: str) -> dict:
   rng = jax.random.PRNGKey(1)
   times, losses = [], []
   compile_s = None
-  for i in range(args.steps):
+  for i in range(steps):
     batch = partitioning.host_to_global(next(it), mesh)
     t0 = time.time()
     with partitioning.with_rules(rules, mesh):
@@ -179,8 +200,9 @@ def run_loss(args, data, loss: str) -> dict:
       "eval": {"users": int(res["num_users"]), "seconds": round(eval_s, 2),
                "users_per_s": round(res["num_users"] / max(eval_s, 1e-9), 1),
                "HR@10": res["HR@10"]},
-      "rss_mib_after": round(_rss_mib(), 1),
-      "peak_rss_mib_so_far": round(_peak_rss_mib(), 1),
+      "steps": steps,
+      "rss_mib_before": round(rss_before, 1),
+      "peak_rss_mib": round(_status_mib("VmHWM"), 1),
   }
 
 
@@ -188,24 +210,36 @@ def _mb(n: float) -> str:
   return f"{n / 1e6:.1f} MB"
 
 
+def _command(machine: dict) -> str:
+  """The recorded command as `python -m benchmarks.million_items ARGS`."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  argv = shlex.split(machine.get("command", ""))
+  if len(argv) >= 2 and argv[1].endswith(os.path.join("benchmarks",
+                                                      "million_items.py")):
+    return shlex.join(["python", "-m", "benchmarks.million_items"] + argv[2:])
+  return machine.get("command", "")
+
+
 def results_section(payload: dict) -> str:
   """The RESULTS.md section (markdown) of one run."""
   m, gen = payload["machine"], payload["dataset"]
   lines = [SECTION, "",
-           f"`{m.get('command')}` on {m.get('cpu_model')} "
+           f"`{_command(m)}` on {m.get('cpu_model')} "
            f"({m.get('cores_usable')} usable cores, shared; load average "
            f"{m.get('load_average_start')} at start, "
            f"{m.get('load_average_end')} at the end), "
            f"{m.get('date_utc')}. {payload['devices']} emulated CPU devices; "
            "times are CPU times of a loaded machine, the bytes are exact.", ""]
-  if gen.get("reused"):
+  if "seconds" not in gen:
     lines += [f"Dataset: reused `{gen['path']}` ({payload['num_users']:,} "
               f"users x {payload['num_items']:,} items).", ""]
   else:
     lines += [f"Dataset: {payload['num_users']:,} users x "
               f"{payload['num_items']:,} items generated in "
               f"{gen['seconds']:.0f} s, peak RSS {gen['peak_rss_mib']:.0f} MiB "
-              "(synthetic.generate, no SentencePiece).", ""]
+              "(synthetic.generate, no SentencePiece"
+              + (", by an earlier run" if gen.get("reused") else "") + ").",
+              ""]
   lines += ["| loss | mesh | step s (median) | seq/s | compile s | "
             "table shard / device | params / device (expected) | "
             "Adam state / device (expected) | eval users/s | peak RSS |",
@@ -216,23 +250,66 @@ def results_section(payload: dict) -> str:
     lines.append(
         f"| {r['loss']}"
         + (f" (K={r['num_negatives']})" if r["num_negatives"] else "")
-        + f" | {mesh} | {r['step_s']['median']:.2f} | "
+        + f" | {mesh} | {r['step_s']['median']:.2f} ({r['steps']} steps) | "
         f"{r['sequences_per_s']:.1f} | {r['compile_s']:.0f} | "
         f"{r['table_shard_shape_device0']} | {_mb(b['params'])} "
         f"({_mb(b['expected_params'])}) | {_mb(b['opt_state'])} "
         f"({_mb(b['expected_opt_state_adam_mu_nu'])}) | "
         f"{r['eval']['users_per_s']:.0f} | "
-        f"{r['peak_rss_mib_so_far'] / 1024:.1f} GiB |")
+        f"{r['peak_rss_mib'] / 1024:.1f} GiB |")
   r0 = payload["runs"][0]
-  v = r0["padded_vocab"]
-  lines += ["", f"Arithmetic: the table is {v:,} padded rows x "
-            f"{payload['hidden']} x 4 B = "
-            f"{_mb(r0['per_device_bytes']['replicated_table_would_be'])}; "
-            f"split over a model axis of {r0['mesh']['model']} it is "
-            f"{_mb(r0['per_device_bytes']['expected_table'])} per device, "
-            "and Adam's mu and nu add the same twice (the gradient, a "
-            "transient, once more). Peak RSS is the whole process (all "
-            "emulated devices share it).", ""]
+  v, e, m = r0["padded_vocab"], payload["hidden"], r0["mesh"]["model"]
+  b = r0["per_device_bytes"]
+  measured = [(r["per_device_bytes"]["params"],
+               r["per_device_bytes"]["opt_state"]) for r in payload["runs"]]
+  names = [r["loss"] for r in payload["runs"]]
+  params_match = all(p == b["expected_params"] for p, _ in measured)
+  # The optimizer's only other leaves: two int32 step counters (Adam's and
+  # the learning-rate schedule's), replicated.
+  opt_match = all(o == b["expected_opt_state_adam_mu_nu"] + 8
+                  for _, o in measured)
+  lines += ["", "Per-device bytes against the arithmetic (device 0; every "
+            f"device holds the same): item table {v:,} padded rows x {e} x "
+            f"4 B / {m} (model axis) = {b['expected_table']:,} B, output bias "
+            f"{v:,} x 4 B / {m} = {b['expected_bias']:,} B, the rest of the "
+            f"model replicated {b['params_excluding_table_and_bias']:,} B: "
+            f"{b['expected_params']:,} B expected, "
+            + ", ".join(f"{p:,} B ({n})" for n, (p, _) in
+                   zip(names, measured)) + " measured ("
+            + ("equal to the byte" if params_match else "NOT equal") +
+            "). Adam's mu and nu are 2 x that = "
+            f"{b['expected_opt_state_adam_mu_nu']:,} B expected, "
+            + ", ".join(f"{o:,} B ({n})" for n, (_, o) in
+                   zip(names, measured)) + " measured ("
+            + ("equal up to the 8 B of the optimizer's two int32 step "
+               "counters" if opt_match else "NOT equal") + "). A replicated "
+            f"table would be {b['replicated_table_would_be']:,} B on every "
+            f"device ({m}x).", ""]
+  runs = {r["loss"]: r for r in payload["runs"]}
+  state_all = sum(measured[0]) * payload["devices"]
+  rss = ("Peak RSS is the whole process during that loss's init, steps "
+         f"and evaluation; the {payload['devices']} emulated devices share "
+         f"the host's memory, so it includes all devices' parameters and "
+         f"Adam state ({payload['devices']} x {_mb(sum(measured[0]))} = "
+         f"{_mb(state_all)}), the dense table gradient ({_mb(v * e * 4)}) "
+         f"and the evaluation scores ([{payload.get('eval_batch_size', 128)}"
+         f", items] float32).")
+  if "full" in runs and len(runs) > 1:
+    other = next(r for k, r in runs.items() if k != "full")
+    p = runs["full"]["max_predictions"]
+    logits = payload["batch_size"] * p * v * 4
+    diff = (runs["full"]["peak_rss_mib"] - other["peak_rss_mib"]) * 2**20
+    rss += (f" The full softmax's logits at the masked positions are "
+            f"[{payload['batch_size']}, {p}, {v:,}] float32 = {_mb(logits)}"
+            f" per step (plus their gradient, unless XLA fuses it away); its "
+            f"peak is {diff / 1e9:.1f} GB above {other['loss']}'s.")
+  lines += [rss, ""]
+  if payload["num_users"] < payload["num_items"]:
+    lines += [f"Users: {payload['num_users']:,} rather than "
+              f"{payload['num_items']:,}, to keep the generation short (one "
+              "core simulates ~1,000 users/s here); the number of users "
+              "enters neither the model, nor the step, nor the bytes above.",
+              ""]
   return "\n".join(lines)
 
 
@@ -261,7 +338,8 @@ def main(argv=None):
   parser.add_argument("--num_items", type=int, default=1_000_000)
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--model_parallelism", type=int, default=8)
-  parser.add_argument("--losses", default="full,sampled_uniform")
+  parser.add_argument("--losses", default="sampled_uniform,full:12",
+                      help="comma-separated LOSS[:STEPS] (default --steps)")
   parser.add_argument("--num_negatives", type=int, default=1024)
   parser.add_argument("--steps", type=int, default=24)
   parser.add_argument("--batch_size", type=int, default=64)
@@ -287,14 +365,17 @@ def main(argv=None):
   data = input_pipeline.SequenceData("million_items", args.data_dir,
                                      max_len=args.max_len, mask_prob=0.2)
   runs = []
-  for loss in args.losses.split(","):
+  for spec in args.losses.split(","):
+    loss, _, steps = spec.partition(":")
     print(f"training with loss={loss} ...", flush=True)
-    runs.append(run_loss(args, data, loss))
+    runs.append(run_loss(args, data, loss, int(steps or args.steps)))
     print(runs[-1], flush=True)
   payload = {"benchmark": "million_items", "devices": args.devices,
              "num_users": args.num_users, "num_items": args.num_items,
              "hidden": args.hidden, "batch_size": args.batch_size,
-             "max_len": args.max_len, "dataset": dataset, "runs": runs}
+             "max_len": args.max_len,
+             "eval_batch_size": args.eval_batch_size, "dataset": dataset,
+             "runs": runs}
   path = common.write_result(args.output, payload, machine)
   print(f"wrote {path}", flush=True)
   if args.results_md:

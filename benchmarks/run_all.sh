@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Regenerates benchmarks/results/*.json and benchmarks/RESULTS.md: ours and
-# RecBole 1.2.1's BERT4Rec alternate in one run (see benchmarks/README.md).
+# Regenerates benchmarks/results/*_round*.json and benchmarks/RESULTS.md: ours
+# and RecBole 1.2.1's BERT4Rec alternate in one run (see benchmarks/README.md).
 #
-#   bash benchmarks/run_all.sh
+#   bash benchmarks/run_all.sh         # ~15 min on an idle 2-core machine
+#
+# Run it on a quiet machine: the figures of a busy one are not comparable
+# (torch's OpenMP threads spin under contention; see recbole_peer.py), and a
+# warning is printed and recorded when the load average is above LOAD_MAX.
 #
 # Settings (environment): ROUNDS (A/B rounds, default 2), DATA_DIR (prepared
 # Beauty, created on first use), TRAIN_STEPS / TRAIN_REPEATS (steps per timed
 # window / windows), RECBOLE_BATCHES / RECBOLE_WARMUP (timed / warm-up RecBole
-# batches), QUALITY_EPOCHS (> 0 also runs the packed-vs-padded comparison),
-# RECBOLE_VENV (RecBole's own virtualenv, created on first use).
+# batches), THREADS (torch threads of RecBole, default: the usable cores, as
+# XLA:CPU uses), QUALITY_EPOCHS (> 0 also runs the packed-vs-padded
+# comparison), RECBOLE_QUALITY_BUDGET_S (> 0 also trains RecBole SASRec and
+# BERT4Rec for that many training seconds each, test NDCG@10 / HR@10 along
+# the way: the RecBole side of the time-to-quality comparison; 2700 takes
+# ~1 h 40 min), RECBOLE_VENV (RecBole's own virtualenv, created on first use),
+# LOAD_MAX (default 1.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -19,10 +28,14 @@ TRAIN_STEPS="${TRAIN_STEPS:-10}"
 TRAIN_REPEATS="${TRAIN_REPEATS:-3}"
 RECBOLE_BATCHES="${RECBOLE_BATCHES:-100}"
 RECBOLE_WARMUP="${RECBOLE_WARMUP:-10}"
+THREADS="${THREADS:-$(nproc)}"
 QUALITY_EPOCHS="${QUALITY_EPOCHS:-0}"
+RECBOLE_QUALITY_BUDGET_S="${RECBOLE_QUALITY_BUDGET_S:-0}"
 RECBOLE_VENV="${RECBOLE_VENV:-$HOME/.cache/recsys_jax/recbole-venv}"
+LOAD_MAX="${LOAD_MAX:-1.0}"
 RESULTS=benchmarks/results
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 CUDA_VISIBLE_DEVICES=""
+START=$SECONDS
 
 # RecBole in its own virtualenv (torch 2.13.0 installs from local wheels;
 # setuptools >= 77.0.3 for torch, < 81 keeps pkg_resources for ray).
@@ -32,23 +45,41 @@ if ! "$RECBOLE_VENV/bin/python" -c "import recbole" 2>/dev/null; then
     'setuptools>=77.0.3,<81' 'numpy<2' 'pandas<2.2'
 fi
 
+check_load() {
+  local load
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  if awk -v l="$load" -v m="$LOAD_MAX" 'BEGIN { exit !(l > m) }'; then
+    echo "WARNING: load average $load > $LOAD_MAX before $1: other jobs" \
+      "share the cores; these figures are not comparable" >&2
+  fi
+}
+step() {  # step NAME COMMAND...: runs and times one measurement process
+  check_load "$1"
+  local t0=$SECONDS
+  "${@:2}"
+  echo "== $1: $((SECONDS - t0)) s (total $((SECONDS - START)) s)"
+}
+
 ours_train() {
-  "$PYTHON" -m benchmarks.train_throughput --data_dir="$DATA_DIR" \
-    --steps="$TRAIN_STEPS" --repeats="$TRAIN_REPEATS" \
-    --compare_proposed_head=1 --output="$RESULTS/train_throughput_round$1.json"
+  step "ours train, round $1" "$PYTHON" -m benchmarks.train_throughput \
+    --data_dir="$DATA_DIR" --steps="$TRAIN_STEPS" --repeats="$TRAIN_REPEATS" \
+    --output="$RESULTS/train_throughput_round$1.json"
 }
 ours_eval() {
-  "$PYTHON" -m benchmarks.eval_throughput --data_dir="$DATA_DIR" \
-    --output="$RESULTS/eval_throughput_round$1.json"
+  step "ours eval, round $1" "$PYTHON" -m benchmarks.eval_throughput \
+    --data_dir="$DATA_DIR" --output="$RESULTS/eval_throughput_round$1.json"
 }
 recbole() {
-  "$RECBOLE_VENV/bin/python" benchmarks/recbole_peer.py \
-    --batches="$RECBOLE_BATCHES" --warmup_batches="$RECBOLE_WARMUP" \
-    --threads=2 --output="$RESULTS/recbole_round$1.json"
+  step "RecBole, round $1" "$RECBOLE_VENV/bin/python" \
+    benchmarks/recbole_peer.py --batches="$RECBOLE_BATCHES" \
+    --warmup_batches="$RECBOLE_WARMUP" --threads="$THREADS" \
+    --output="$RESULTS/recbole_round$1.json"
 }
 
 mkdir -p "$RESULTS"
 rm -f "$RESULTS"/*_round*.json
+# Prepare the data outside the timed processes (first use only).
+"$PYTHON" -c "from benchmarks import common; common.ensure_beauty_or_synthetic('$DATA_DIR')"
 for r in $(seq 1 "$ROUNDS"); do
   # Odd rounds: ours, RecBole, ours; even rounds the mirror image, so a
   # drifting machine load falls on both sides alike.
@@ -60,9 +91,18 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 if (( QUALITY_EPOCHS > 0 )); then
-  "$PYTHON" -m benchmarks.train_throughput \
+  step "packed vs padded quality" "$PYTHON" -m benchmarks.train_throughput \
     --data_dir=/tmp/recsys_jax_bench/synthetic_quality \
     --quality_epochs="$QUALITY_EPOCHS" --quality_seeds=2 \
     --output="$RESULTS/packing_quality.json"
 fi
+if (( RECBOLE_QUALITY_BUDGET_S > 0 )); then
+  for model in SASRec BERT4Rec; do
+    step "RecBole $model time to quality" "$RECBOLE_VENV/bin/python" \
+      benchmarks/recbole_peer.py --quality_model="$model" \
+      --budget_s="$RECBOLE_QUALITY_BUDGET_S" --threads="$THREADS" \
+      --output="$RESULTS/recbole_quality_${model,,}.json"
+  done
+fi
 "$PYTHON" -m benchmarks.common summarize
+echo "== run_all.sh: $((SECONDS - START)) s"

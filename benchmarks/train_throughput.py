@@ -21,10 +21,7 @@ times `--steps` steps; figures are medians over windows. MFU = analytic
 FLOPs per step (`common.train_flops_per_step`) / step time / the float32
 matmul peak measured in the same process.
 
-`--compare_proposed_head=1` also times the output-layer change proposed in
-benchmarks/RESULTS.md (an experiment defined here, not project code) so its
-effect can be measured side by side (alternating windows). `--smoke` runs
-tiny sizes in seconds.
+`--smoke` runs tiny sizes in seconds.
 """
 
 import argparse
@@ -37,7 +34,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
@@ -52,91 +48,6 @@ MODES = ("staged_padded", "staged_packed", "pipeline_padded",
          "pipeline_packed")
 SMOKE_SIZES = dict(hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
                    max_len=12, batch_size=8, mask_prob=0.2, dropout_rate=0.2)
-
-
-@jax.custom_vjp
-def _tied_logits(query: jax.Array, table: jax.Array) -> jax.Array:
-  """`[M, E] x [V, E] -> [M, V]` with a layout-friendly backward pass."""
-  return jnp.dot(query, table.T)
-
-
-def _tied_logits_fwd(query, table):
-  return _tied_logits(query, table), (query, table)
-
-
-def _tied_logits_bwd(res, g):
-  query, table = res
-  # d table = (q^T g)^T: XLA:CPU otherwise materialises g^T, a transposed
-  # [V, M] copy of the whole logits gradient (the step's costliest op).
-  return jnp.dot(g, table), jnp.dot(query.T, g).T
-
-
-_tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
-
-
-class ProposedHeadBert4RecModel(model_lib.Bert4RecModel):
-  """Bert4RecModel with the output-layer loss rewritten (experiment only).
-
-  Same loss and gradients (up to float rounding) as the 'full' loss of
-  `Bert4RecModel.loss_fn`, with the [B*P, V] passes cut down:
-    * the output bias (with -1e9 at non-items, a [V] select instead of a
-      [B, P, V] one) is a column of the table against a constant-1 column of
-      the query, so its gradient comes out of the table's matmul instead of
-      a separate reduction over [B*P, V];
-    * the table gradient is computed as (q^T g)^T (`_tied_logits`), which
-      avoids a transposed copy of the [B*P, V] logits gradient;
-    * the target logit is q . table[target] (a [B, P, E] gather), not a
-      one-hot product over V;
-    * `correct` compares the target logit with the row max (shared with the
-      logsumexp), not a separate argmax pass (ties count as correct).
-  """
-
-  def loss_fn(self, params, batch, dropout_rng):
-    if self.loss != "full" or self.z_loss:
-      return super().loss_fn(params, batch, dropout_rng)
-    if dropout_rng is not None:
-      dropout_rng, _ = jax.random.split(dropout_rng)
-    hidden = self.hidden_states(params, batch, dropout_rng)
-    targets = batch["targets"].astype(jnp.int32)
-    weights = batch["loss_weights"].astype(jnp.float32)
-    num = self.max_predictions or targets.shape[1]
-    hidden, targets, weights = model_lib.gather_predictions(
-        hidden, targets, weights, num)
-    query = self._apply(params, hidden, method="output_query")  # [B, P, E]
-    query = query.reshape(-1, query.shape[-1]).astype(jnp.float32)
-    table, bias = self._table_and_bias(params)
-    bias = jnp.where(bert4rec_lib.valid_item_mask(self.config), bias,
-                     jnp.float32(-1e9))                          # [V]
-    query = jnp.concatenate([query, jnp.ones_like(query[:, :1])], 1)
-    table = jnp.concatenate([table, bias[:, None]], 1)          # [V, E + 1]
-    logits = _tied_logits(query, table)                          # [M, V]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    targets, weights = targets.reshape(-1), weights.reshape(-1)
-    target_logit = jnp.sum(query * jnp.take(table, targets, axis=0), -1)
-    loss_sum = jnp.sum((lse - target_logit) * weights)
-    weight_sum = jnp.sum(weights)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    correct = (target_logit >= row_max).astype(jnp.float32)
-    correct_sum = jnp.sum(correct * weights)
-    loss = loss_sum / jnp.maximum(weight_sum, 1.0)
-    return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum,
-                  "correct_sum": correct_sum}
-
-
-def _check_proposed_head_matches(model, params, batch, rng) -> float:
-  """Max |difference| of loss and grads between the two losses."""
-  ref = model_lib.Bert4RecModel(model.config,
-                                max_predictions=model.max_predictions)
-  def loss_and_grad(m):
-    # Batch and rng as arguments: closed-over constants make XLA constant-
-    # fold the top_k of the loss at compile time (seconds).
-    return jax.jit(jax.value_and_grad(
-        lambda p, b, r: m.loss_fn(p, b, r)[0]))(params, batch, rng)
-  l1, g1 = loss_and_grad(ref)
-  l2, g2 = loss_and_grad(model)
-  diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in
-           zip(jax.tree.leaves(g1), jax.tree.leaves(g2))]
-  return max(diffs + [float(jnp.abs(l1 - l2))])
 
 
 def batch_counts(batch: Dict[str, np.ndarray], max_predictions: int
@@ -162,8 +73,7 @@ def _add(total: Dict[str, int], c: Dict[str, int]) -> None:
 class Setup:
   """Model, sharded state and jitted step for one (packing, P) setting."""
 
-  def __init__(self, args, num_items: int, packed: bool, mesh, rules,
-               model_cls=model_lib.Bert4RecModel):
+  def __init__(self, args, num_items: int, packed: bool, mesh, rules):
     sizes = args.sizes
     self.max_predictions = (args.packed_max_predictions if packed
                             else args.max_predictions)
@@ -172,7 +82,8 @@ class Setup:
         num_layers=sizes["num_layers"], num_heads=sizes["num_heads"],
         mlp_dim=sizes["mlp_dim"], dropout_rate=sizes["dropout_rate"],
         attention_dropout_rate=sizes["dropout_rate"])
-    self.model = model_cls(config, max_predictions=self.max_predictions)
+    self.model = model_lib.Bert4RecModel(config,
+                                         max_predictions=self.max_predictions)
     # The defaults of gin/runs/train.gin (AdamW, warm-up, clipping).
     opt = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
                                   weight_decay=0.01, clip_norm=5.0)
@@ -307,11 +218,13 @@ def parse_args(argv=None):
                  help="padded rows (default ceil(0.2 * L) + 1 = 11)")
   p.add_argument("--packed_max_predictions", type=int, default=None,
                  help="packed rows hold several users' masks (default 2x)")
-  p.add_argument("--compare_proposed_head", type=int, default=0,
-                 help="1: also time ProposedHeadBert4RecModel in the staged "
-                 "modes, alternating windows with the project's model")
   p.add_argument("--profile_dir", default=None,
                  help="trace 3 staged steps here and add a per-op breakdown")
+  p.add_argument("--duel", default=None,
+                 help="a turn file shared with recbole_peer.py --duel: "
+                 "alternate timed windows with RecBole (see duel())")
+  p.add_argument("--duel_windows", type=int, default=4)
+  p.add_argument("--duel_eval_windows", type=int, default=2)
   p.add_argument("--quality_epochs", type=int, default=0,
                  help="> 0: run the packed-vs-padded equal-epoch comparison "
                  "instead of the throughput modes")
@@ -435,6 +348,75 @@ def _one_epoch(pipe, batch_size: int):
       features=features)
 
 
+def duel(args, data: Dict[str, Any]) -> Dict[str, Any]:
+  """Our side of the window-by-window alternation with recbole_peer.py.
+
+  For each phase of `common.Turns.PHASES`, `--duel_windows` windows (eval:
+  `--duel_eval_windows` full validation passes through the pipeline and the
+  Evaluator), each taken only on our turn. Per-window figures are returned;
+  RESULTS.md pairs each with RecBole's adjacent window.
+  """
+  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
+  turns = common.Turns(args.duel, parity=0)
+  sizes = args.sizes
+  bs = sizes["batch_size"]
+  mesh = partitioning.make_mesh(1)
+  rules = partitioning.DATA_PARALLEL_RULES
+  sides = {}
+  for packed in (False, True):
+    kind = "packed" if packed else "padded"
+    pipe = input_pipeline.SequenceData(
+        f"bench_duel_{kind}", data["data_dir"], max_len=sizes["max_len"],
+        mask_prob=sizes["mask_prob"], packing=packed, seed=0)
+    setup = Setup(args, pipe.num_items, packed, mesh, rules)
+    it = pipe.train_batches(0, bs)
+    first = [next(it) for _ in range(max(args.staged_batches, 1))]
+    setup.compile_and_warm(partitioning.host_to_global(first[0], mesh),
+                           args.warmup_steps)
+    for _ in range(args.warmup_steps):
+      jax.device_get(setup.run(partitioning.host_to_global(next(it), mesh)))
+    sides[kind] = (pipe, setup, it, first)
+  pipe, setup = sides["padded"][:2]
+  evaluator = evaluation.Evaluator(
+      setup.model, mesh, rules,
+      evaluation.EvalConfig(batch_size=256, exclude_history=True,
+                            splits=("validation",), popularity_baseline=False))
+  eval_batches = list(pipe.eval_batches("validation", 256))
+  users = int(sum(np.asarray(b["valid"]).sum() for b in eval_batches))
+  evaluator.evaluate(setup.state.params, eval_batches[:2])  # compile
+  out: Dict[str, Any] = {}
+  for phase in common.Turns.PHASES:
+    windows = []
+    count = args.duel_eval_windows if phase == "eval" else args.duel_windows
+    for _ in range(count):
+      turns.wait()
+      if phase == "eval":
+        t0 = time.perf_counter()
+        evaluator.evaluate(setup.state.params,
+                           pipe.eval_batches("validation", 256))
+        sec = time.perf_counter() - t0
+        windows.append({"seconds": sec, "users_per_s": users / sec})
+      else:
+        kind = phase.split("_")[1]
+        _, s, it, first = sides[kind]
+        if phase.startswith("staged"):
+          r = time_staged(s, first, args.steps, 1)
+        else:
+          r = time_pipeline(s, it, args.steps, 1)
+        windows.append({k: r[k] for k in (
+            "step_time_s", "sequences_per_s", "users_per_s",
+            "interactions_per_s")})
+      windows[-1]["load_average"] = common.load_average()[0]
+      turns.done()
+    out[phase] = windows
+    print(f"duel {phase}: " + ", ".join(
+        f"{w.get('interactions_per_s', w.get('users_per_s')):.0f}"
+        for w in windows), flush=True)
+  return {"benchmark": "train_throughput_duel", "data": data,
+          "sizes": sizes, "steps_per_window": args.steps,
+          "eval_users": users, "duel": out}
+
+
 def _print(mode: str, res: Dict[str, Any]) -> None:
   print(f"{mode}: {res['step_time_s']:.3f} s/step, "
         f"{res['sequences_per_s']:.0f} rows/s, "
@@ -454,8 +436,9 @@ def main(argv=None):
                                    args.quality_items)
   else:
     data = common.ensure_beauty_or_synthetic(args.data_dir)
-  if args.quality_epochs:
-    result = packing_quality(args, data)
+  if args.quality_epochs or args.duel:
+    result = (packing_quality(args, data) if args.quality_epochs
+              else duel(args, data))
     path = common.write_result(args.output, result, machine)
     print(f"wrote {path}", flush=True)
     return result
@@ -473,8 +456,6 @@ def main(argv=None):
       "data": data, "sizes": sizes, "devices": [str(d) for d in jax.devices()],
       "steps_per_window": args.steps, "repeats": args.repeats,
       "warmup_steps": args.warmup_steps, "modes": {}}
-  if args.compare_proposed_head:
-    result["proposed_head_modes"] = {}
   peaks = [common.measure_matmul_peak(args.matmul_n)]
 
   for packed in (False, True):
@@ -488,38 +469,20 @@ def main(argv=None):
     setup = Setup(args, pipe.num_items, packed, mesh, rules)
     it = pipe.train_batches(0, bs)
     first = [next(it) for _ in range(max(args.staged_batches, 1))]
+    masked = np.concatenate([(b["loss_weights"] > 0).sum(axis=1)
+                             for b in first])
+    # What the padded default cap would drop from these rows.
+    result[f"masked_per_row_{kind}"] = {
+        "mean": float(masked.mean()), "max": int(masked.max()),
+        "dropped_fraction_at_default_cap": float(
+            np.maximum(masked - args.max_predictions, 0).sum()
+            / max(masked.sum(), 1)),
+        "default_cap": args.max_predictions}
     setup.compile_and_warm(partitioning.host_to_global(first[0], mesh),
                            args.warmup_steps)
-    proposed = None
-    if args.compare_proposed_head:
-      proposed = Setup(args, pipe.num_items, packed, mesh, rules,
-                       model_cls=ProposedHeadBert4RecModel)
-      proposed.compile_and_warm(partitioning.host_to_global(first[0], mesh),
-                                args.warmup_steps)
-      result[f"proposed_head_max_abs_diff_{kind}"] = (
-          _check_proposed_head_matches(
-              proposed.model, setup.state.params,
-              partitioning.host_to_global(first[0], mesh),
-              jax.random.PRNGKey(3)))
     for mode in wanted:
       if mode.startswith("staged"):
-        if proposed is None:
-          res = time_staged(setup, first, args.steps, args.repeats)
-        else:
-          # Alternate one window each so load changes hit both alike.
-          ours, prop = [], []
-          for _ in range(args.repeats):
-            ours.append(time_staged(setup, first, args.steps, 1))
-            prop.append(time_staged(proposed, first, args.steps, 1))
-          res = _merge_windows(setup, ours, args.steps)
-          pres = _merge_windows(proposed, prop, args.steps)
-          pres["speedup_per_window"] = [
-              a["step_time_s"] / b["step_time_s"] for a, b in zip(ours, prop)]
-          if args.profile_dir:
-            pres["profile"] = profile_steps(
-                proposed, first[0],
-                os.path.join(args.profile_dir, "proposed_" + mode))
-          result["proposed_head_modes"][mode] = pres
+        res = time_staged(setup, first, args.steps, args.repeats)
       else:
         for _ in range(args.warmup_steps):  # warm the pipeline's buffers
           jax.device_get(setup.run(partitioning.host_to_global(next(it),
@@ -541,12 +504,11 @@ def main(argv=None):
       p["best_gflops"] for p in peaks])
   peak = best["best_gflops"] * 1e9
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
-  for group in ("modes", "proposed_head_modes"):
-    for mode, res in result.get(group, {}).items():
-      res["mfu"] = res["achieved_gflops"] * 1e9 / peak
-      res["mfu_best_window"] = (setup_flops(res) /
-                                min(res["step_time_windows_s"]) / peak)
-      _print(("proposed_head " if group != "modes" else "") + mode, res)
+  for mode, res in result["modes"].items():
+    res["mfu"] = res["achieved_gflops"] * 1e9 / peak
+    res["mfu_best_window"] = (setup_flops(res) /
+                              min(res["step_time_windows_s"]) / peak)
+    _print(mode, res)
   path = common.write_result(args.output, result, machine)
   print(f"wrote {path}", flush=True)
   return result
@@ -554,23 +516,6 @@ def main(argv=None):
 
 def setup_flops(res: Dict[str, Any]) -> float:
   return res["gflop_per_step"] * 1e9
-
-
-def _merge_windows(setup: Setup, results: List[Dict[str, Any]],
-                   steps: int) -> Dict[str, Any]:
-  """One summary from single-window `time_staged` results."""
-  windows = [w * steps for r in results for w in r["step_time_windows_s"]]
-  counts = {"rows": 0, "users": 0, "interactions": 0, "masked": 0,
-            "masked_dropped": 0}
-  for r in results:
-    rows = r["rows_per_step"] * steps
-    counts["rows"] += rows
-    counts["users"] += r["users_per_row"] * rows
-    counts["interactions"] += r["interactions_per_row"] * rows
-    counts["masked"] += r["masked_per_row"] * rows
-    counts["masked_dropped"] += r["masked_dropped_fraction"] * (
-        r["masked_per_row"] * rows)
-  return _summary(setup, windows, steps, counts, len(results))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ any number of devices and steps; log-softmax always runs in float32.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,80 @@ def masked_softmax_cross_entropy(
     loss = loss + z_loss * jnp.square(lse)
   weights = weights.astype(jnp.float32)
   return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+@jax.custom_vjp
+def tied_logits(query: Array, table: Array) -> Array:
+  """`[M, E] x [V, E] -> [M, V]` with a layout-friendly backward pass."""
+  return jnp.dot(query, table.T)
+
+
+def _tied_logits_fwd(query, table):
+  return tied_logits(query, table), (query, table)
+
+
+def _tied_logits_bwd(res, g):
+  query, table = res
+  # d table = (q^T g)^T: XLA:CPU otherwise materialises g^T, a transposed
+  # [V, M] copy of the whole logits gradient (the step's costliest op).
+  return jnp.dot(g, table), jnp.dot(query.T, g).T
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
+def tied_softmax_cross_entropy(
+    query: Array, table: Array, bias: Array, valid: Array, targets: Array,
+    weights: Array, *, z_loss: float = 0.0,
+    constrain: Optional[Callable[[Array], Array]] = None
+) -> Tuple[Array, Array, Array]:
+  """Full-softmax cross-entropy of a tied output layer, computed lean.
+
+  Logits are `query @ table.T + bias` with non-candidates (`valid` False)
+  at -1e9. Compared with building the logits and calling
+  `masked_softmax_cross_entropy`, the `[M, V]` passes are cut down: the bias
+  is an extra column of the table against a constant-1 column of the query
+  (its gradient comes out of the table's matmul), the table gradient is
+  `(q^T g)^T` (`tied_logits`), the target logit is a `[M, E]` gather, and
+  `correct` compares it with the row max (ties, up to float rounding,
+  count as correct).
+
+  Args:
+    query: `[M, E]` output queries.
+    table: `[V, E]` item table (may be vocab-sharded).
+    bias: `[V]`.
+    valid: `[V]` bool, the candidate columns.
+    targets: `[M]` int ids.
+    weights: `[M]` loss weights.
+    z_loss: coefficient of `logsumexp**2`.
+    constrain: applied to the `[M, V]` logits (e.g. a logical sharding
+      constraint to `('batch', 'vocab')`), or None.
+
+  Returns:
+    (sum of weighted losses, sum of weights, weighted count of targets that
+    score at least as high as every candidate), float32 scalars.
+  """
+  query = query.astype(jnp.float32)
+  bias = jnp.where(valid, bias.astype(jnp.float32), jnp.float32(_EXCLUDED))
+  query = jnp.concatenate([query, jnp.ones_like(query[:, :1])], axis=1)
+  table = jnp.concatenate([table.astype(jnp.float32), bias[:, None]], axis=1)
+  logits = tied_logits(query, table)  # [M, V]
+  if constrain is not None:
+    logits = constrain(logits)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.sum(query * jnp.take(table, targets, axis=0), axis=-1)
+  loss = lse - target_logit
+  if z_loss:
+    loss = loss + z_loss * jnp.square(lse)
+  weights = weights.astype(jnp.float32)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  # The gathered target logit and the matmul's can differ by rounding: a
+  # relative slack of 1e-5 keeps a top-scoring target counted as correct.
+  slack = 1e-5 * (1.0 + jnp.abs(row_max))
+  correct = (jax.lax.stop_gradient(target_logit) >= row_max - slack).astype(
+      jnp.float32)
+  return (jnp.sum(loss * weights), jnp.sum(weights),
+          jnp.sum(correct * weights))
 
 
 def sample_negatives(rng: Array, num_negatives: int, num_items: int,

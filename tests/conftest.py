@@ -9,4 +9,3 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# Note: tests_wip/ (unverified work in progress) is outside `tests/` on purpose.

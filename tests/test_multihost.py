@@ -3,7 +3,7 @@
 Every run is the real CLI (`python -m recsys_jax.train` with coordinator flags,
 or launch/local.sh --num_processes=2) on the tiny synthetic dataset, with gloo
 CPU collectives and 2 emulated devices per process. The runs, made once per
-module and two at a time to keep the wall time down:
+module, in two phases of concurrent runs to keep the wall time down:
 
   phase 1  REF     1 process x 4 devices, N steps, evaluates at N.
            MP_A    2 processes x 2 devices, host_input='slice', SIGTERM after
@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+import types
 
 import jax
 import numpy as np
@@ -121,15 +122,11 @@ def _params(model_dir, step=N_STEPS):
   return helpers.flat(state["params"])
 
 
-class Runs:
-  """Model directories and outputs of the five runs."""
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   data_dir = helpers.prepared_dataset()
   root = str(tmp_path_factory.mktemp("multihost"))
-  r = Runs()
+  r = types.SimpleNamespace()  # directories and outputs of the runs
   r.ref_dir, r.mp_dir, r.one_dir, r.shard_dir = (
       os.path.join(root, n) for n in ("ref", "mp", "one", "shard"))
   t0 = time.time()
