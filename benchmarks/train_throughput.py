@@ -50,6 +50,24 @@ SMOKE_SIZES = dict(hidden=16, num_layers=1, num_heads=2, mlp_dim=32,
                    max_len=12, batch_size=8, mask_prob=0.2, dropout_rate=0.2)
 
 
+def _side(args, data: Dict[str, Any], prefix: str, packed: bool, mesh, rules):
+  """(pipeline, compiled Setup, batch iterator, staged first batches).
+
+  Packed rows may hold `--packed_max_predictions` masks (the packer fills a
+  row only up to the positions the loss gathers).
+  """
+  sizes = args.sizes
+  kind = "packed" if packed else "padded"
+  pipe = input_pipeline.SequenceData(
+      f"{prefix}_{kind}", data["data_dir"], max_len=sizes["max_len"],
+      mask_prob=sizes["mask_prob"], packing=packed, seed=0,
+      max_predictions=args.packed_max_predictions if packed else None)
+  setup = Setup(args, pipe.num_items, packed, mesh, rules)
+  it = pipe.train_batches(0, sizes["batch_size"])
+  first = [next(it) for _ in range(max(args.staged_batches, 1))]
+  return pipe, setup, it, first
+
+
 def batch_counts(batch: Dict[str, np.ndarray], max_predictions: int
                  ) -> Dict[str, int]:
   """Rows, users, real (non-padding) interactions and masked targets."""
@@ -265,7 +283,8 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
   rules = partitioning.DATA_PARALLEL_RULES
   packed_probe = input_pipeline.SequenceData(
       "bench_quality_packed", data["data_dir"], max_len=sizes["max_len"],
-      mask_prob=sizes["mask_prob"], packing=True)
+      mask_prob=sizes["mask_prob"], packing=True,
+      max_predictions=args.packed_max_predictions)
   # Users per packed row, from one epoch of the packed stream.
   rows = segs = 0
   for b in _one_epoch(packed_probe, 32):
@@ -282,7 +301,8 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
       pipe = input_pipeline.SequenceData(
           f"bench_quality_{name}_{seed}", data["data_dir"],
           max_len=sizes["max_len"], mask_prob=sizes["mask_prob"],
-          packing=packed, seed=seed)
+          packing=packed, seed=seed,
+          max_predictions=args.packed_max_predictions if packed else None)
       steps_per_epoch = sum(1 for _ in _one_epoch(pipe, batch))
       total = max(1, steps_per_epoch * args.quality_epochs)
       args_copy = argparse.Namespace(**vars(args))
@@ -365,12 +385,8 @@ def duel(args, data: Dict[str, Any]) -> Dict[str, Any]:
   sides = {}
   for packed in (False, True):
     kind = "packed" if packed else "padded"
-    pipe = input_pipeline.SequenceData(
-        f"bench_duel_{kind}", data["data_dir"], max_len=sizes["max_len"],
-        mask_prob=sizes["mask_prob"], packing=packed, seed=0)
-    setup = Setup(args, pipe.num_items, packed, mesh, rules)
-    it = pipe.train_batches(0, bs)
-    first = [next(it) for _ in range(max(args.staged_batches, 1))]
+    pipe, setup, it, first = _side(args, data, "bench_duel", packed, mesh,
+                                   rules)
     setup.compile_and_warm(partitioning.host_to_global(first[0], mesh),
                            args.warmup_steps)
     for _ in range(args.warmup_steps):
@@ -463,12 +479,8 @@ def main(argv=None):
     wanted = [m for m in modes if m.endswith(kind)]
     if not wanted:
       continue
-    pipe = input_pipeline.SequenceData(
-        f"bench_train_{kind}", data["data_dir"], max_len=sizes["max_len"],
-        mask_prob=sizes["mask_prob"], packing=packed, seed=0)
-    setup = Setup(args, pipe.num_items, packed, mesh, rules)
-    it = pipe.train_batches(0, bs)
-    first = [next(it) for _ in range(max(args.staged_batches, 1))]
+    pipe, setup, it, first = _side(args, data, "bench_train", packed, mesh,
+                                   rules)
     masked = np.concatenate([(b["loss_weights"] > 0).sum(axis=1)
                              for b in first])
     # What the padded default cap would drop from these rows.

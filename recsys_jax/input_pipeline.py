@@ -42,6 +42,7 @@ class SequenceData:
                mask_prob: float = 0.2, max_predictions: Optional[int] = None,
                last_item_mask_prob: float = 0.1,
                sliding_window_stride: Optional[int] = None,
+               train_prefixes: bool = False,
                packing: bool = False, seed: int = 0,
                host_input: str = "shard"):
     if host_input not in HOST_INPUTS:
@@ -53,8 +54,8 @@ class SequenceData:
         name, data_dir, max_len=max_len, mask_prob=mask_prob,
         max_predictions=max_predictions,
         last_item_mask_prob=last_item_mask_prob,
-        sliding_window_stride=sliding_window_stride, seed=seed,
-        packing=packing)
+        sliding_window_stride=sliding_window_stride,
+        train_prefixes=train_prefixes, seed=seed, packing=packing)
 
   @property
   def dataset(self) -> prepared.PreparedDataset:

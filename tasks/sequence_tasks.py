@@ -87,6 +87,7 @@ def register_sequence_tasks(
     last_item_mask_prob: float = 0.1,
     random_replace: bool = False,
     sliding_window_stride: Optional[int] = None,
+    train_prefixes: bool = False,
     seed: int = 0,
     packing: bool = False,
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
@@ -108,6 +109,8 @@ def register_sequence_tasks(
     last_item_mask_prob: probability a train row masks only its last item.
     random_replace: BERT 80/10/10 replacement (default: always [MASK]).
     sliding_window_stride: cut long train histories into windows.
+    train_prefixes: train on every prefix of 2..n items of each history
+      (see preprocessors.truncate_or_window).
     seed: default seed of get_dataset(seed=None) (shuffle and masks).
     packing: pack several users per train row (segment_ids, positions).
     shuffle_buffer_size: post-preprocessing shuffle buffer.
@@ -123,19 +126,21 @@ def register_sequence_tasks(
                 max_predictions=max_predictions,
                 last_item_mask_prob=last_item_mask_prob,
                 random_replace=random_replace,
-                sliding_window_stride=sliding_window_stride, seed=seed,
-                packing=packing)
+                sliding_window_stride=sliding_window_stride,
+                train_prefixes=train_prefixes, seed=seed, packing=packing)
   steps = [
       seqio.utils.add_kwargs_to_transform(
           preprocessors.truncate_or_window, max_len=max_len,
-          sliding_window_stride=sliding_window_stride),
+          sliding_window_stride=sliding_window_stride,
+          train_prefixes=train_prefixes),
       seqio.utils.add_kwargs_to_transform(
           preprocessors.bert4rec_inputs, mask_prob=mask_prob,
           max_predictions=max_predictions,
           last_item_mask_prob=last_item_mask_prob,
           random_replace=random_replace),
       seqio.utils.add_kwargs_to_transform(
-          preprocessors.pad_or_pack, max_len=max_len, packing=packing),
+          preprocessors.pad_or_pack, max_len=max_len, packing=packing,
+          max_predictions=max_predictions),
   ]
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(

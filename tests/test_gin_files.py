@@ -134,7 +134,8 @@ def test_quickstart_data_yields_batches_the_model_accepts(tiny_data,
                                                            tmp_path):
   gin_utils.parse_gin(["runs/train.gin", "quickstart.gin"], [
       f"DATA_DIR = '{tiny_data}'", f"MODEL_DIR = '{tmp_path}'",
-      "TRAIN_STEPS = 3", "MAX_LEN = 12", f"TASK_NAME = '{TEST_TASK}'"])
+      "TRAIN_STEPS = 3", "MAX_LEN = 12", "MAX_PREDICTIONS = 6",
+      f"TASK_NAME = '{TEST_TASK}'"])
   args = _build_run_arguments(runs.train)
   batch = next(args["data"].train_batches(0, 4))
   assert set(batch) >= {"item_ids", "targets", "loss_weights"}

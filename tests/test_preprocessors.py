@@ -160,6 +160,24 @@ def test_sliding_windows(n, max_len, stride, expected):
   assert len(got) == 1 + math.ceil(max(n - max_len, 0) / stride)
 
 
+def test_train_prefixes():
+  hist = list(range(101, 108))  # 7 items
+  ds = pp.truncate_or_window(_train_ds([hist, [1, 2]]), max_len=4,
+                             train_prefixes=True)
+  got = [list(ex["item_ids"]) for ex in ds.as_numpy_iterator()]
+  # Prefixes of 2..n items, each cut to its last max_len items.
+  want = [hist[max(0, e - 4):e] for e in range(2, 8)] + [[1, 2]]
+  assert got == want
+  # With last-item-only masking every item but the first is a target once.
+  masked = pp.bert4rec_inputs(ds, num_items=NUM_ITEMS, mask_prob=0.2,
+                              last_item_mask_prob=1.0)
+  targets = [int(ex["targets"][-1]) for ex in masked.as_numpy_iterator()]
+  assert targets == hist[1:] + [2]
+  with pytest.raises(ValueError, match="exclude each other"):
+    pp.truncate_or_window(_train_ds([hist]), max_len=4, train_prefixes=True,
+                          sliding_window_stride=2)
+
+
 def test_truncation_train_and_eval():
   hist = list(range(1, 9))
   train = pp.truncate_or_window(_train_ds([hist]), max_len=5)
@@ -180,11 +198,15 @@ def test_resolve_length_rejects_mismatch():
     pp.resolve_length({"item_ids": 7, "targets": 6}, 50)
 
 
-def _numpy_pack(examples, length):
+def _numpy_pack(examples, length, max_predictions=None):
   """Reference greedy first-fit-in-order packer."""
+  cap = length if max_predictions is None else max_predictions
   rows, cur = [], []
   for ex in examples:
-    if cur and sum(len(e[0]) for e in cur) + len(ex[0]) > length:
+    full = sum(len(e[0]) for e in cur) + len(ex[0]) > length
+    full = full or sum(int((np.asarray(e[2]) > 0).sum()) for e in cur + [ex]
+                       ) > cap
+    if cur and full:
       rows.append(cur)
       cur = []
     cur.append(ex)
@@ -241,16 +263,23 @@ def test_packing_hand_case():
   assert set(rows[0]) == set(pp.PACKED_FEATURES)
 
 
-def test_packing_matches_numpy_reference():
+@pytest.mark.parametrize("max_predictions", [None, 3])
+def test_packing_matches_numpy_reference(max_predictions):
   rng = np.random.default_rng(0)
   ex = []
   for _ in range(60):
     n = int(rng.integers(1, 13))
     ids = rng.integers(1, 50, n)
     w = (rng.random(n) < 0.3).astype(np.float32)
+    w[np.cumsum(w) > 3] = 0  # mask_example's per-example cap
     ex.append((ids, np.where(w > 0, ids, 0), w))
-  got = list(pp.pack_examples(_masked_examples_ds(ex), 12).as_numpy_iterator())
-  want = _numpy_pack(ex, 12)
+  got = list(pp.pack_examples(_masked_examples_ds(ex), 12,
+                              max_predictions).as_numpy_iterator())
+  want = _numpy_pack(ex, 12, max_predictions)
+  if max_predictions:
+    masks = [int((g["loss_weights"] > 0).sum()) for g in got]
+    assert max(masks) <= max_predictions
+    assert sum(masks) == sum(int((e[2] > 0).sum()) for e in ex)  # none cut
   assert len(got) == len(want)
   for g, w in zip(got, want):
     for k in pp.PACKED_FEATURES:

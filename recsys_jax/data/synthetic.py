@@ -35,7 +35,7 @@ from recsys_jax.data import synthetic_text as text
 
 TINY = dict(num_users=200, num_items=150, num_categories=12,
             num_top_categories=3, brands_per_top=4, text_vocab_size=300)
-DEFAULT = dict(num_users=3000, num_items=2000, num_categories=48,
+DEFAULT = dict(num_users=20000, num_items=2000, num_categories=48,
                num_top_categories=6, brands_per_top=8, text_vocab_size=2000)
 PRESETS = {"tiny": TINY, "default": DEFAULT}
 
@@ -75,7 +75,7 @@ class SyntheticConfig:
     max_length: lengths are capped here.
     mean_gap_days: mean time between purchases (exponential).
   """
-  num_users: int = 3000
+  num_users: int = 20000
   num_items: int = 2000
   seed: int = 0
   num_categories: int = 48
@@ -414,7 +414,7 @@ def iter_users(catalog: Catalog) -> Iterator[SyntheticUser]:
     yield simulate_user(catalog, u)
 
 
-def generate(output_dir: str, *, num_users: int = 3000, num_items: int = 2000,
+def generate(output_dir: str, *, num_users: int = 20000, num_items: int = 2000,
              seed: int = 0, num_shards: int = 1,
              text_vocab_size: Optional[int] = 2000, **options) -> dict:
   """Generates a synthetic prepared dataset into `output_dir`.

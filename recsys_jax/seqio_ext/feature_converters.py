@@ -120,7 +120,10 @@ def examples_per_epoch(task, split: str = "train", sequence_length=None,
     ds = source.get_dataset(split, shuffle=False, shard_info=shard_info)
     length = preprocessors.resolve_length(sequence_length, config["max_len"])
     stride = config.get("sliding_window_stride")
-    if split == "train" and stride:
+    if split == "train" and config.get("train_prefixes"):
+      ds = ds.map(lambda ex: tf.cast(tf.maximum(
+          tf.shape(ex[preprocessors.ITEM_IDS])[0] - 1, 0), tf.int64))
+    elif split == "train" and stride:
       def windows(ex):
         extra = tf.maximum(tf.shape(ex[preprocessors.ITEM_IDS])[0] - length, 0)
         return tf.cast(1 + (extra + stride - 1) // stride, tf.int64)

@@ -106,7 +106,8 @@ def truncate_or_window(ds: tf.data.Dataset,
                        sequence_length: Optional[Mapping[str, int]] = None,
                        *,
                        max_len: Optional[int] = None,
-                       sliding_window_stride: Optional[int] = None
+                       sliding_window_stride: Optional[int] = None,
+                       train_prefixes: bool = False
                        ) -> tf.data.Dataset:
   """Bounds history length: train to `max_len`, evaluation to `max_len - 1`.
 
@@ -117,12 +118,28 @@ def truncate_or_window(ds: tf.data.Dataset,
     sliding_window_stride: train only; when set, a history longer than L
       yields several examples (windows of L items, see `window_starts`),
       most recent first, instead of only its last L items.
+    train_prefixes: train only; each history of n items yields its n - 1
+      prefixes of 2..n items (each truncated to its last L), so every item
+      but the first is once the last item of an example: with
+      `last_item_mask_prob=1` every item is predicted from its past only,
+      the evaluation situation (SASRec-style prefix augmentation).
+      Excludes `sliding_window_stride`.
   """
   length = resolve_length(sequence_length, max_len)
   if sources.is_eval_dataset(ds):
     # Room for the [MASK] appended at the position to predict.
     return ds.map(lambda ex: truncate_example(ex, length - 1),
                   num_parallel_calls=tf.data.AUTOTUNE)
+  if train_prefixes:
+    if sliding_window_stride:
+      raise ValueError("train_prefixes and sliding_window_stride exclude "
+                       "each other; set one")
+
+    def prefixes(ex):
+      ends = tf.range(2, tf.shape(ex[ITEM_IDS])[0] + 1)
+      return tf.data.Dataset.from_tensor_slices(ends).map(
+          lambda e: truncate_example(_slice(ex, 0, e), length))
+    return ds.flat_map(prefixes)
   if not sliding_window_stride:
     return ds.map(lambda ex: truncate_example(ex, length),
                   num_parallel_calls=tf.data.AUTOTUNE)
@@ -273,11 +290,16 @@ def pad_example(ex: Mapping[str, tf.Tensor], length: int
   return out
 
 
-def pack_examples(ds: tf.data.Dataset, length: int) -> tf.data.Dataset:
+def pack_examples(ds: tf.data.Dataset, length: int,
+                  max_predictions: Optional[int] = None) -> tf.data.Dataset:
   """Greedily packs masked examples into rows of `length` (first fit, in order).
 
-  Each example is appended to the current row while it fits; otherwise the
-  row is emitted and a new one started (no look-ahead, as SeqIO's packer).
+  Each example is appended to the current row while it fits (in `length`
+  positions and, when given, in `max_predictions` masked positions per row,
+  the number the loss gathers per row, so no target is ever cut);
+  otherwise the row is emitted and a new one started (no look-ahead, as
+  SeqIO's packer). Examples must each have at most `max_predictions` masks
+  (`mask_example` caps them).
   Rows carry `item_ids`, `targets`, `loss_weights`, `segment_ids` (1, 2, ...
   per example, 0 padding) and `positions` (0.. inside each example); other
   features are dropped. A finite dataset's last row is flushed at its end.
@@ -292,10 +314,14 @@ def pack_examples(ds: tf.data.Dataset, length: int) -> tf.data.Dataset:
   init = {k: tf.zeros([length], d) for k, d in row_dtypes.items()}
   init["fill"] = tf.constant(0)
   init["num_segments"] = tf.constant(0)
+  init["num_masks"] = tf.constant(0)
+  mask_cap = length if max_predictions is None else int(max_predictions)
 
   def step(state, ex):
     n = tf.shape(ex[ITEM_IDS])[0]
+    m = tf.reduce_sum(tf.cast(ex[LOSS_WEIGHTS] > 0, tf.int32))
     flush = tf.logical_or(tf.equal(n, 0), state["fill"] + n > length)
+    flush = tf.logical_or(flush, state["num_masks"] + m > mask_cap)
     emit = tf.logical_and(flush, state["fill"] > 0)
     row = {k: state[k] for k in row_dtypes}
     base = {k: tf.where(flush, tf.zeros_like(v), v) for k, v in state.items()}
@@ -311,6 +337,7 @@ def pack_examples(ds: tf.data.Dataset, length: int) -> tf.data.Dataset:
     new[POSITIONS] = base[POSITIONS] + place(tf.range(n))
     new["fill"] = fill + n
     new["num_segments"] = tf.where(n > 0, segment, base["num_segments"])
+    new["num_masks"] = base["num_masks"] + m
     return new, (emit, row)
 
   def is_emitted(emit, unused_row):
@@ -327,11 +354,15 @@ def pad_or_pack(ds: tf.data.Dataset,
                 sequence_length: Optional[Mapping[str, int]] = None,
                 *,
                 max_len: Optional[int] = None,
-                packing: bool = False) -> tf.data.Dataset:
-  """Dense rows of length L: right padding, or packing for train."""
+                packing: bool = False,
+                max_predictions: Optional[int] = None) -> tf.data.Dataset:
+  """Dense rows of length L: right padding, or packing for train.
+
+  Packed rows hold at most `max_predictions` masked positions each.
+  """
   length = resolve_length(sequence_length, max_len)
   if packing and not sources.is_eval_dataset(ds):
-    return pack_examples(ds, length)
+    return pack_examples(ds, length, max_predictions)
   return ds.map(lambda ex: pad_example(ex, length),
                 num_parallel_calls=tf.data.AUTOTUNE)
 
