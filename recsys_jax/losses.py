@@ -9,6 +9,7 @@ from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -121,8 +122,40 @@ def tied_softmax_cross_entropy(
           jnp.sum(correct * weights))
 
 
+def alias_table(log_probs) -> Tuple[np.ndarray, np.ndarray]:
+  """Walker/Vose alias table of a categorical distribution (NumPy, once).
+
+  Args:
+    log_probs: `[N]` (unnormalised) log-probabilities.
+
+  Returns:
+    (accept `[N]` float32, alias `[N]` int32): draw a bucket b uniformly and
+    u ~ U[0, 1); the sample is b if u < accept[b], else alias[b]. Exact for
+    any N in O(N) memory (Gumbel-max over N would need [K, N] noise).
+  """
+  lp = np.asarray(log_probs, np.float64)
+  if lp.ndim != 1 or not np.all(np.isfinite(lp)):
+    raise ValueError(f"log_probs must be a finite [N] vector; got shape "
+                     f"{lp.shape}")
+  p = np.exp(lp - lp.max())
+  n = p.size
+  scaled = p * (n / p.sum())
+  accept = np.ones(n, np.float64)
+  alias = np.arange(n, dtype=np.int64)
+  small = [i for i in range(n) if scaled[i] < 1.0]
+  large = [i for i in range(n) if scaled[i] >= 1.0]
+  while small and large:
+    s_i, l_i = small.pop(), large.pop()
+    accept[s_i], alias[s_i] = scaled[s_i], l_i
+    scaled[l_i] -= 1.0 - scaled[s_i]
+    (small if scaled[l_i] < 1.0 else large).append(l_i)
+  return accept.astype(np.float32), alias.astype(np.int32)
+
+
 def sample_negatives(rng: Array, num_negatives: int, num_items: int,
-                     log_probs: Optional[Array] = None) -> Tuple[Array, Array]:
+                     log_probs: Optional[Array] = None, *,
+                     alias: Optional[Tuple[Array, Array]] = None
+                     ) -> Tuple[Array, Array]:
   """Draws negative item ids in 1..N with replacement.
 
   Args:
@@ -131,21 +164,35 @@ def sample_negatives(rng: Array, num_negatives: int, num_items: int,
     num_items: N.
     log_probs: optional `[N]` log-probabilities of items 1..N (e.g. log
       popularity); uniform if None.
+    alias: `alias_table(log_probs)`, precomputed (callers that sample every
+      step pass it); built here from a concrete `log_probs` otherwise.
 
   Returns:
     (ids `[K]` int32 in 1..N, log q `[K]` float32: each draw's log-probability).
+    Non-uniform draws use the alias method: O(N) memory and O(K) work per
+    draw set, whatever N.
   """
   if log_probs is None:
     ids = jax.random.randint(rng, (num_negatives,), 1, num_items + 1,
                              dtype=jnp.int32)
     return ids, jnp.full((num_negatives,), -math.log(num_items), jnp.float32)
-  log_probs = jnp.asarray(log_probs, jnp.float32)
   if log_probs.shape != (num_items,):
     raise ValueError(f"log_probs has shape {log_probs.shape}; expected "
                      f"({num_items},) for items 1..{num_items}")
-  log_probs = jax.nn.log_softmax(log_probs)  # tolerate unnormalised input
-  idx = jax.random.categorical(rng, log_probs, shape=(num_negatives,))
-  return (idx + 1).astype(jnp.int32), log_probs[idx]
+  if alias is None:
+    if isinstance(log_probs, jax.core.Tracer):
+      raise ValueError("sample_negatives under jit needs alias="
+                       "alias_table(log_probs) computed outside")
+    alias = alias_table(log_probs)
+  accept, other = (jnp.asarray(a) for a in alias)
+  log_probs = jax.nn.log_softmax(jnp.asarray(log_probs, jnp.float32))
+  r_bucket, r_accept = jax.random.split(rng)
+  bucket = jax.random.randint(r_bucket, (num_negatives,), 0, num_items,
+                              dtype=jnp.int32)
+  u = jax.random.uniform(r_accept, (num_negatives,))
+  idx = jnp.where(u < jnp.take(accept, bucket), bucket,
+                  jnp.take(other, bucket))
+  return (idx + 1).astype(jnp.int32), jnp.take(log_probs, idx)
 
 
 def sampled_softmax_logits(

@@ -78,6 +78,7 @@ class SequenceRecModel:
     self.z_loss = float(z_loss)
     self.item_log_popularity = None
     self._log_q_table = None  # [padded_vocab] log q by item id
+    self._alias = None  # losses.alias_table of the popularity sampler
     if item_log_popularity is not None:
       log_pop = np.asarray(item_log_popularity, np.float64)
       if log_pop.shape != (self.num_items,) or not np.all(np.isfinite(log_pop)):
@@ -89,6 +90,8 @@ class SequenceRecModel:
       table = np.zeros(self.padded_vocab, np.float32)
       table[1:self.num_items + 1] = self.item_log_popularity
       self._log_q_table = table
+      self._alias = (losses.alias_table(self.item_log_popularity)
+                     if loss == "sampled_popularity" else None)
 
   # -- module plumbing -------------------------------------------------------
 
@@ -183,7 +186,7 @@ class SequenceRecModel:
     else:  # sampled_popularity
       negatives, neg_log_q = losses.sample_negatives(
           rng, self.num_negatives, self.num_items,
-          jnp.asarray(self.item_log_popularity))
+          jnp.asarray(self.item_log_popularity), alias=self._alias)
       target_log_q = jnp.take(log_q_table, targets)
     return losses.sampled_softmax_logits(
         query, targets, table, bias, negatives, negative_log_q=neg_log_q,

@@ -29,6 +29,7 @@ PYTHON = sys.executable
 TINY_MODEL_FLAGS = (
     "--gin_file=gin/quickstart.gin",
     "--gin.MAX_LEN=20",
+    "--gin.MAX_PREDICTIONS=10",  # quickstart.gin's 24 is for length-50 rows
     "--gin.builders.bert4rec.hidden=16",
     "--gin.builders.bert4rec.mlp_dim=32",
 )

@@ -165,3 +165,21 @@ def test_missing_model_dir_cli_error(tiny_data, tmp_path):
   assert "--gin.MODEL_DIR=" in res.stderr, res.stderr[-3000:]
   assert "Traceback" not in res.stderr, res.stderr[-3000:]
   assert not os.listdir(tmp_path / "runs")
+
+
+RUN_CONFIGS = ["quickstart.gin"] + [f for f in ALL_GIN_FILES
+                                    if f.startswith("experiments/")]
+
+
+@pytest.mark.parametrize("run_gin", ["runs/eval.gin", "runs/export.gin"])
+@pytest.mark.parametrize("rel", RUN_CONFIGS)
+def test_run_configs_parse_for_eval_and_export(run_gin, rel, tiny_data,
+                                               tmp_path):
+  # README passes one --gin_file to train, eval and export alike, so a run
+  # config's training bindings (optimizer, loop) must parse for all three.
+  gin_utils.parse_gin([run_gin, rel], [
+      f"DATA_DIR = '{tiny_data}'", f"MODEL_DIR = '{tmp_path}'",
+      f"TASK_NAME = '{TEST_TASK}'"])
+  args = _build_run_arguments(RUN_FUNCTIONS[run_gin])
+  assert args["model_dir"] == str(tmp_path)
+  assert isinstance(args["model"], model_lib.Bert4RecModel)

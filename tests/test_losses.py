@@ -154,6 +154,30 @@ def test_sample_negatives_uniform_and_popularity():
     losses.sample_negatives(jax.random.PRNGKey(1), 3, 5, np.zeros(4))
 
 
+def test_alias_table_is_exact():
+  rng = np.random.default_rng(2)
+  p = rng.dirichlet(np.full(50, 0.3))
+  p[7] = 0.0  # never drawn
+  p /= p.sum()
+  accept, alias = losses.alias_table(np.log(np.maximum(p, 1e-300)))
+  # P(i) = (accept[i] + sum_{b: alias[b] = i} (1 - accept[b])) / N.
+  implied = accept.astype(np.float64).copy()
+  np.add.at(implied, alias, 1.0 - accept)
+  np.testing.assert_allclose(implied / len(p), p, atol=1e-7)
+  # And under jit with the table passed in (the training path).
+  lp = jnp.asarray(np.log(np.maximum(p, 1e-300)), jnp.float32)
+  draw = jax.jit(lambda key, lp: losses.sample_negatives(
+      key, 40000, 50, lp, alias=(accept, alias)))
+  ids, log_q = draw(jax.random.PRNGKey(3), lp)
+  freq = np.bincount(np.asarray(ids) - 1, minlength=50) / 40000
+  np.testing.assert_allclose(freq, p, atol=0.01)
+  assert freq[7] == 0.0
+  np.testing.assert_allclose(log_q, np.log(p[np.asarray(ids) - 1]), rtol=1e-4)
+  with pytest.raises(ValueError, match="alias"):
+    jax.jit(lambda key, lp: losses.sample_negatives(key, 3, 50, lp))(
+        jax.random.PRNGKey(0), lp)
+
+
 def test_info_nce_matches_numpy():
   rng = np.random.default_rng(4)
   a = rng.normal(size=(6, 8)).astype(np.float32)
