@@ -47,6 +47,15 @@ _VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
 # -- machine and run metadata -------------------------------------------------
 
 
+
+def add_duel_flags(parser, other: str) -> None:
+  """--duel / --duel_windows / --duel_eval_windows, shared by both sides."""
+  parser.add_argument("--duel", default=None,
+                      help=f"a turn file shared with {other} --duel: "
+                      "alternate timed windows with the other side")
+  parser.add_argument("--duel_windows", type=int, default=4)
+  parser.add_argument("--duel_eval_windows", type=int, default=2)
+
 def load_average() -> List[float]:
   try:
     return [round(x, 2) for x in os.getloadavg()]

@@ -149,10 +149,7 @@ def main(argv=None):
                  help="quality mode: stop after this many batches (smoke)")
   p.add_argument("--skip_eval", action="store_true")
   p.add_argument("--skip_staged", action="store_true")
-  p.add_argument("--duel", default=None,
-                 help="turn file shared with train_throughput.py --duel")
-  p.add_argument("--duel_windows", type=int, default=4)
-  p.add_argument("--duel_eval_windows", type=int, default=2)
+  common.add_duel_flags(p, "train_throughput.py")
   p.add_argument("--output", required=True)
   args = p.parse_args(argv)
   args.output = os.path.abspath(args.output)  # the run chdirs to work_dir

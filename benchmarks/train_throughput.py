@@ -238,11 +238,7 @@ def parse_args(argv=None):
                  help="packed rows hold several users' masks (default 2x)")
   p.add_argument("--profile_dir", default=None,
                  help="trace 3 staged steps here and add a per-op breakdown")
-  p.add_argument("--duel", default=None,
-                 help="a turn file shared with recbole_peer.py --duel: "
-                 "alternate timed windows with RecBole (see duel())")
-  p.add_argument("--duel_windows", type=int, default=4)
-  p.add_argument("--duel_eval_windows", type=int, default=2)
+  common.add_duel_flags(p, "recbole_peer.py")
   p.add_argument("--quality_epochs", type=int, default=0,
                  help="> 0: run the packed-vs-padded equal-epoch comparison "
                  "instead of the throughput modes")
