@@ -141,25 +141,22 @@ class SequenceRecModel:
     if self.loss == "full":
       query = self._apply(params, hidden, method="output_query")
       table, bias = self._table_and_bias(params)
-      valid = (jnp.arange(self.padded_vocab) >= 1) & (
-          jnp.arange(self.padded_vocab) <= self.num_items)
+      ids = jnp.arange(self.padded_vocab)
       loss_sum, weight_sum, correct_sum = losses.tied_softmax_cross_entropy(
-          query.reshape(-1, query.shape[-1]), table, bias, valid,
-          targets.reshape(-1), weights.reshape(-1), z_loss=self.z_loss,
+          query.reshape(-1, query.shape[-1]), table, bias,
+          (ids >= 1) & (ids <= self.num_items), targets.reshape(-1),
+          weights.reshape(-1), z_loss=self.z_loss,
           constrain=lambda x: nn.with_logical_constraint(
               x, ("batch", "vocab")))
-      loss = loss_sum / jnp.maximum(weight_sum, 1.0)
-      return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum,
-                    "correct_sum": correct_sum}
-    logits = self._sampled_logits(params, hidden, targets, weights,
-                                  sample_rng)  # [B*P, 1 + K]
-    flat_w = weights.reshape(-1)
-    zeros = jnp.zeros(flat_w.shape, jnp.int32)
-    loss_sum, weight_sum = losses.masked_softmax_cross_entropy(
-        logits, zeros, flat_w, z_loss=self.z_loss)
-    correct = jnp.argmax(logits, axis=-1) == 0
-    weights = flat_w
-    correct_sum = jnp.sum(correct.astype(jnp.float32) * weights)
+    else:
+      logits = self._sampled_logits(params, hidden, targets, weights,
+                                    sample_rng)  # [B*P, 1 + K]
+      flat_w = weights.reshape(-1)
+      loss_sum, weight_sum = losses.masked_softmax_cross_entropy(
+          logits, jnp.zeros(flat_w.shape, jnp.int32), flat_w,
+          z_loss=self.z_loss)
+      correct = jnp.argmax(logits, axis=-1) == 0
+      correct_sum = jnp.sum(correct.astype(jnp.float32) * flat_w)
     loss = loss_sum / jnp.maximum(weight_sum, 1.0)
     return loss, {"loss_sum": loss_sum, "weight_sum": weight_sum,
                   "correct_sum": correct_sum}
