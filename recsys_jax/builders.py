@@ -27,12 +27,14 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              loss: str = "full", num_negatives: int = 0,
              mask_prob: Optional[float] = None,
              max_predictions: Optional[int] = None,
-             dtype: str = "float32") -> "model_lib.Bert4RecModel":
+             dtype: str = "float32",
+             positions_from_end: bool = False) -> "model_lib.Bert4RecModel":
   """A Bert4Rec wrapper sized for the prepared dataset at `data_dir`.
 
   Args:
     data_dir: prepared dataset (its item count sizes the tables).
     max_len: maximum sequence length (positions).
+    positions_from_end: see `Bert4RecConfig.positions_from_end`.
     loss: 'full' softmax, or 'sampled_uniform' / 'sampled_popularity' /
       'in_batch' for large catalogues.
     num_negatives: negatives per batch for the sampled losses.
@@ -46,7 +48,7 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
-      dtype=getattr(jnp, dtype))
+      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end)
   if max_predictions is None and mask_prob is not None:
     max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
   log_pop = (train_item_log_popularity(data_dir)

@@ -13,7 +13,10 @@ global arrays. Two ways to get those rows for training (`host_input`):
     the price of every host reading and preprocessing all the data.
 
 Evaluation always reads shards (every user once across hosts, padded with
-`valid`); its metric sums are merged across processes.
+`valid`); its metric sums are merged across processes. Evaluation batches do
+not change during a run (no randomness), so after the first full pass over a
+split they are kept in host memory (up to `eval_cache_bytes`) and periodic
+evaluations skip the input pipeline.
 """
 
 import functools
@@ -44,12 +47,15 @@ class SequenceData:
                sliding_window_stride: Optional[int] = None,
                train_prefixes: bool = False,
                packing: bool = False, seed: int = 0,
-               host_input: str = "shard"):
+               host_input: str = "shard",
+               eval_cache_bytes: int = 1 << 30):
     if host_input not in HOST_INPUTS:
       raise ValueError(f"SequenceData.host_input={host_input!r}: expected one "
                        f"of {HOST_INPUTS} (see the module docstring)")
     self.name, self.data_dir, self.max_len = name, data_dir, max_len
     self.packing, self.seed, self.host_input = packing, seed, host_input
+    self.eval_cache_bytes = int(eval_cache_bytes)
+    self._eval_cache: Dict[tuple, list] = {}
     sequence_tasks.register_sequence_tasks(
         name, data_dir, max_len=max_len, mask_prob=mask_prob,
         max_predictions=max_predictions,
@@ -98,9 +104,26 @@ class SequenceData:
     if local * jax.process_count() != global_batch_size:
       raise ValueError(f"eval batch_size={global_batch_size} must be divisible"
                        f" by the number of processes ({jax.process_count()})")
-    return feature_converters.eval_batches(
+    key = (split, global_batch_size, jax.process_index(), jax.process_count())
+    if key in self._eval_cache:
+      return iter(self._eval_cache[key])
+    return self._read_and_cache(key, feature_converters.eval_batches(
         self.name, split, local, shard_info=self.shard_info(),
-        features=list(EVAL_FEATURES))
+        features=list(EVAL_FEATURES)))
+
+  def _read_and_cache(self, key, batches) -> Iterator[Dict[str, np.ndarray]]:
+    """Yields `batches`; a complete pass within the byte budget is kept."""
+    kept, size = [], 0
+    for batch in batches:
+      if kept is not None:
+        size += sum(np.asarray(v).nbytes for v in batch.values())
+        if size <= self.eval_cache_bytes:
+          kept.append(batch)
+        else:
+          kept = None
+      yield batch
+    if kept is not None:
+      self._eval_cache[key] = kept
 
   def train_item_counts(self) -> np.ndarray:
     """[N] interaction counts in the train split (all but the last two)."""

@@ -129,12 +129,15 @@ def test_eval_throughput_smoke(smoke_data, tmp_path):
     m = res["modes"][mode]
     assert m["users_per_s"] == pytest.approx(
         120 / float(np.median(m["seconds"])))
-  assert res["users_per_s"] == res["modes"]["pipeline"]["users_per_s"]
-  # Regrouping users by length and cutting padding must not change metrics.
-  bucketed = res["modes"]["staged_bucketed"]
+  assert res["users_per_s"] == res["modes"]["cached"]["users_per_s"]
+  # Regrouping users by length and cutting padding must not change metrics;
+  # nor may the cache or the input pipeline.
+  bucketed = res["modes"]["staged"]
   assert min(bucketed["row_lengths"]) < train_throughput.SMOKE_SIZES["max_len"]
-  for k, v in res["modes"]["staged"]["metrics"].items():
-    assert bucketed["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+  for mode in ("cached", "pipeline", "staged"):
+    for k, v in res["modes"]["staged_padded"]["metrics"].items():
+      assert res["modes"][mode]["metrics"][k] == pytest.approx(
+          v, rel=1e-5, abs=1e-7), (mode, k)
   assert 0.0 <= res["metrics_untrained"]["NDCG@10"] <= 1.0
 
 

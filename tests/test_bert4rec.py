@@ -1,5 +1,7 @@
 """Bert4Rec module and layers: references, masking, packing, logical axes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -217,3 +219,54 @@ def test_bfloat16_and_post_layer_norm(params, apply):
           r, ids, method=bert4rec.Bert4Rec.all_logits),
       jax.random.PRNGKey(0))["params"]
   assert "final_norm" not in post_params and "final_norm" in params
+
+
+def _numpy_positions_from_end(ids, seg=None):
+  ids = np.asarray(ids)
+  seg = (ids != 0).astype(int) if seg is None else np.asarray(seg)
+  out = np.zeros_like(ids)
+  for b in range(ids.shape[0]):
+    for i in range(ids.shape[1]):
+      if ids[b, i]:
+        out[b, i] = sum(1 for j in range(i + 1, ids.shape[1])
+                        if ids[b, j] and seg[b, j] == seg[b, i])
+  return out
+
+
+def test_positions_from_end_against_numpy():
+  rng = np.random.default_rng(0)
+  ids = np.array([[5, 6, 7, 0, 0, 0], [0, 0, 3, 4, 9, 2], [1, 2, 3, 4, 9, 2]])
+  np.testing.assert_array_equal(bert4rec.positions_from_end(ids),
+                                _numpy_positions_from_end(ids))
+  seg = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 2, 3]])
+  np.testing.assert_array_equal(bert4rec.positions_from_end(ids, seg),
+                                _numpy_positions_from_end(ids, seg))
+  lengths = rng.integers(0, 7, size=16)
+  ids = np.where(np.arange(6)[None] < lengths[:, None],
+                 rng.integers(1, N + 2, size=(16, 6)), 0)
+  np.testing.assert_array_equal(bert4rec.positions_from_end(ids),
+                                _numpy_positions_from_end(ids))
+
+
+def test_positions_from_end_same_for_any_padding_or_packing():
+  cfg = dataclasses.replace(CFG, positions_from_end=True)
+  module = bert4rec.Bert4Rec(cfg)
+  variables = jitted(module, "init")(jax.random.PRNGKey(1),
+                                     jnp.ones((2, cfg.max_len), jnp.int32),
+                                     method=bert4rec.Bert4Rec.all_logits)
+  run = jitted(module)
+  user_a, user_b = [3, 7, 21, 9], [12, 21, 5]
+  right = np.array([user_a + [0] * 4, user_b + [0] * 5])
+  left = np.array([[0] * 4 + user_a, [0] * 5 + user_b])
+  packed = np.array([user_a + user_b + [0]])
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
+  h_right = np.asarray(run(variables, right))
+  h_left = np.asarray(run(variables, left))
+  # Packed rows' `positions` (counted from the start) are ignored.
+  h_packed = np.asarray(run(variables, packed, segment_ids=seg,
+                            positions=np.zeros_like(packed)))
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h_left[0, 4:], h_right[0, :4], **tol)
+  np.testing.assert_allclose(h_left[1, 5:], h_right[1, :3], **tol)
+  np.testing.assert_allclose(h_packed[0, :4], h_right[0, :4], **tol)
+  np.testing.assert_allclose(h_packed[0, 4:7], h_right[1, :3], **tol)

@@ -42,6 +42,13 @@ class Bert4RecConfig:
       careful warm-up); False gives BERT's post-LN blocks.
     output_transform: BERT4Rec's Dense + GELU + LayerNorm before the tied
       output layer.
+    positions_from_end: number positions from the end of each sequence
+      (segment): the last item (or the appended [MASK] being scored) is
+      always position 0, the one before it 1, ... . This is what the
+      original BERT4Rec gets from left padding; with right padding or
+      packing, counting from the start puts the predicted position at a
+      different index for every length, and the model must learn "the item
+      before me" once per length.
   """
   num_items: int
   max_len: int = 50
@@ -55,6 +62,7 @@ class Bert4RecConfig:
   vocab_pad_multiple: int = 128
   pre_layer_norm: bool = True
   output_transform: bool = True
+  positions_from_end: bool = False
 
   def __post_init__(self):
     for name in ("num_items", "max_len", "hidden", "num_layers", "num_heads",
@@ -87,6 +95,24 @@ def valid_item_mask(config: Bert4RecConfig) -> Array:
   """`[padded_vocab]` bool, True exactly at the item ids 1..N."""
   ids = jnp.arange(config.padded_vocab)
   return (ids >= 1) & (ids <= config.num_items)
+
+
+def positions_from_end(item_ids: Array,
+                       segment_ids: Optional[Array] = None) -> Array:
+  """`[B, L]` int32: how many tokens of the same sequence follow each token.
+
+  A sequence is a row's nonzero `item_ids` (unpacked rows) or one nonzero
+  segment (packed rows); padding gets 0. Works for right padding, left
+  padding and packing alike, from the ids alone.
+  """
+  valid = item_ids != 0
+  if segment_ids is None:
+    segment_ids = valid.astype(jnp.int32)
+  length = item_ids.shape[1]
+  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & valid[:, None, :]
+  later = jnp.arange(length)[None, :] > jnp.arange(length)[:, None]  # [i, j]
+  count = jnp.sum(same & later[None], axis=-1, dtype=jnp.int32)
+  return jnp.where(valid, count, 0)
 
 
 class Bert4Rec(nn.Module):
@@ -138,7 +164,8 @@ class Bert4Rec(nn.Module):
       segment_ids: optional `[B, L]` packing segments (attention stays inside
         a nonzero segment).
       positions: optional `[B, L]` positions inside each segment; default
-        0..L-1 per row.
+        0..L-1 per row. Ignored with `config.positions_from_end` (computed
+        from `item_ids` / `segment_ids`).
       deterministic: False applies dropout (needs a 'dropout' rng).
     """
     cfg = self.config
@@ -146,7 +173,9 @@ class Bert4Rec(nn.Module):
     if length > cfg.max_len:
       raise ValueError(f"sequence length {length} exceeds "
                        f"Bert4RecConfig.max_len={cfg.max_len}")
-    if positions is None:
+    if cfg.positions_from_end:
+      positions = positions_from_end(item_ids, segment_ids)
+    elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     x = self.item_embed(item_ids) + self.position_embed(positions)
     x = self.embed_norm(x)
