@@ -110,3 +110,27 @@ def restore_to_host(directory: str) -> Any:
   restored = ckptr.restore(directory,
                            args=ocp.args.PyTreeRestore(restore_args=args))
   return jax.tree.map(np.asarray, restored)
+
+
+ARCHITECTURE_KEY = "architecture"
+
+
+def check_architecture(saved: Optional[dict], expected: dict, where: str
+                       ) -> None:
+  """Raises if parameters saved under `saved` do not fit `expected`.
+
+  Both are `model.architecture()` records (JSON). A record missing on
+  either side (an older checkpoint, a model without one) is not checked.
+  """
+  if not saved or not expected:
+    return
+  diff = sorted(k for k in set(saved) | set(expected)
+                if saved.get(k) != expected.get(k))
+  if diff:
+    lines = [f"  {k}: saved {saved.get(k)!r}, configured {expected.get(k)!r}"
+             for k in diff]
+    raise ValueError(
+        f"{where} was written by a different model architecture than the "
+        "configured one:\n" + "\n".join(lines) + "\nPass the saved values "
+        "as --gin.builders.<model>.<field>=... (or use the run's config.gin).")
+

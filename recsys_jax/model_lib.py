@@ -6,6 +6,7 @@ shard-wise); export calls `item_embeddings` / `item_bias`. Params passed in
 are the unboxed tree (`nn.meta.unbox`).
 """
 
+import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -57,6 +58,10 @@ class SequenceRecModel:
   max_len: int
   mask_id: int
   padded_vocab: int
+
+  def architecture(self) -> Dict[str, Any]:
+    """JSON fields checked when parameters are restored ({}: no check)."""
+    return {}
 
   def __init__(self, *, loss: str = "full", num_negatives: int = 0,
                item_log_popularity: Optional[np.ndarray] = None,
@@ -250,6 +255,19 @@ class Bert4RecModel(SequenceRecModel):
     super().__init__(loss=loss, num_negatives=num_negatives,
                      item_log_popularity=item_log_popularity,
                      max_predictions=max_predictions, z_loss=z_loss)
+
+  def architecture(self) -> Dict[str, Any]:
+    """The config fields that define the function the parameters compute.
+
+    Stored with every checkpoint and export and compared when they are
+    restored: a flag such as `positions_from_end` changes no parameter
+    shape, so a mismatch would otherwise evaluate silently wrong.
+    Training-only fields (dropout rates) and the compute dtype are left out.
+    """
+    record = dataclasses.asdict(self.config)
+    for k in ("dropout_rate", "attention_dropout_rate", "dtype"):
+      record.pop(k, None)
+    return {"module": type(self.module).__name__, **record}
 
   def _table_and_bias(self, params) -> Tuple[Array, Array]:
     params = nn.meta.unbox(params)

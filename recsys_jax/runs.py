@@ -73,7 +73,8 @@ def train(*, model_dir: str, data, model, optimizer: trainer.OptimizerConfig,
     return data.train_batches(start_step, local_bs)
 
   meta = {"data_dir": os.path.abspath(data.data_dir),
-          "num_items": model.num_items}
+          "num_items": model.num_items,
+          checkpoints.ARCHITECTURE_KEY: model.architecture()}
   state = trainer.train_loop(model, optimizer, batches, loop,
                              model_dir=model_dir, mesh=mesh, rules=rules,
                              writer=writer, eval_fn=eval_fn, meta=meta)
@@ -101,6 +102,9 @@ def _restore_params(model, model_dir, mesh, rules, checkpoint_step=None,
       raise ValueError(
           f"{exported_dir}: exported for {manifest['num_items']} items but "
           f"the dataset has {model.num_items}")
+    checkpoints.check_architecture(
+        manifest.get(checkpoints.ARCHITECTURE_KEY), model.architecture(),
+        f"the export in {exported_dir}")
     params = checkpoints.restore_params(
         os.path.join(exported_dir, "params"), abstract)
     return params, int(manifest["step"])
@@ -112,6 +116,9 @@ def _restore_params(model, model_dir, mesh, rules, checkpoint_step=None,
   if step not in ckpt.all_steps():
     raise FileNotFoundError(f"{model_dir}/checkpoint_{step} does not exist; "
                             f"available steps: {sorted(ckpt.all_steps())}")
+  checkpoints.check_architecture(
+      ckpt.restore_meta(step).get(checkpoints.ARCHITECTURE_KEY),
+      model.architecture(), f"{model_dir}/checkpoint_{step}")
   # Only the params of the saved TrainState are read (no optimizer needed).
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   target = {"params": abstract}
@@ -179,6 +186,7 @@ def export(*, model_dir: str, model, mesh_config: partitioning.MeshConfig,
           os.path.join(output_dir, "config.gin"), "w") as g:
         g.write(f.read())
     manifest = {"step": step, "num_items": model.num_items,
+                checkpoints.ARCHITECTURE_KEY: model.architecture(),
                 "embedding_shape": list(emb.shape),
                 "source_model_dir": os.path.abspath(model_dir)}
     with open(os.path.join(output_dir, EXPORT_MANIFEST), "w") as f:

@@ -243,6 +243,10 @@ def train_loop(
         # feeds the same batches as before.
         print(f"Note: checkpoint_{start} was written by {saved_nproc} "
               f"processes, resuming with {jax.process_count()}", flush=True)
+    checkpoints.check_architecture(
+        saved_meta.get(checkpoints.ARCHITECTURE_KEY),
+        (meta or {}).get(checkpoints.ARCHITECTURE_KEY),
+        f"{model_dir}/checkpoint_{start}")
     if saved_meta.get("input_position", start) != start:
       raise RuntimeError(
           f"checkpoint_{start} records input position "

@@ -140,6 +140,21 @@ def test_eval_of_a_missing_step_lists_available_steps(tiny_data, reference):
                                          "eval_step33.json"))
 
 
+def test_eval_refuses_a_different_architecture(tiny_data, reference,
+                                               export_dir):
+  # positions_from_end changes no parameter shape: without the record kept
+  # with checkpoints and exports this would evaluate silently wrong.
+  flip = "--gin.builders.bert4rec.positions_from_end=False"
+  for extra in ((flip,), (flip, f"--gin.EXPORTED_DIR='{export_dir}'")):
+    res = _eval(tiny_data, reference.model_dir, *extra)
+    assert res.rc != 0, res.stdout[-2000:]
+    assert "different model architecture" in res.stderr, res.stderr[-3000:]
+    assert "positions_from_end: saved True, configured False" in res.stderr
+  manifest = _read_json(os.path.join(export_dir, "export.json"))
+  assert manifest["architecture"]["positions_from_end"] is True
+  assert manifest["architecture"]["hidden"] == HIDDEN
+
+
 def test_export_writes_params_embeddings_and_manifest(reference, export_dir):
   manifest = _read_json(os.path.join(export_dir, "export.json"))
   assert manifest["step"] == 40 and manifest["num_items"] == NUM_ITEMS
