@@ -146,10 +146,10 @@ class SequenceRecModel:
     if self.loss == "full":
       query = self._apply(params, hidden, method="output_query")
       table, bias = self._table_and_bias(params)
-      ids = jnp.arange(self.padded_vocab)
       loss_sum, weight_sum, correct_sum = losses.tied_softmax_cross_entropy(
           query.reshape(-1, query.shape[-1]), table, bias,
-          (ids >= 1) & (ids <= self.num_items), targets.reshape(-1),
+          bert4rec_lib.item_id_mask(self.padded_vocab, self.num_items),
+          targets.reshape(-1),
           weights.reshape(-1), z_loss=self.z_loss,
           constrain=lambda x: nn.with_logical_constraint(
               x, ("batch", "vocab")))

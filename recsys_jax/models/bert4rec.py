@@ -91,10 +91,15 @@ class Bert4RecConfig:
     return round_up(self.num_items + 2, self.vocab_pad_multiple)
 
 
+def item_id_mask(padded_vocab: int, num_items: int) -> Array:
+  """`[padded_vocab]` bool, True exactly at the item ids 1..num_items."""
+  ids = jnp.arange(padded_vocab)
+  return (ids >= 1) & (ids <= num_items)
+
+
 def valid_item_mask(config: Bert4RecConfig) -> Array:
   """`[padded_vocab]` bool, True exactly at the item ids 1..N."""
-  ids = jnp.arange(config.padded_vocab)
-  return (ids >= 1) & (ids <= config.num_items)
+  return item_id_mask(config.padded_vocab, config.num_items)
 
 
 def positions_from_end(item_ids: Array,
