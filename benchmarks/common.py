@@ -583,9 +583,16 @@ def summarize(results_dir: str = RESULTS_DIR,
     loads = [r.get("machine", {}).get("load_average_start", [None])[0]
              for r in ours_train + ours_eval + rb_train]
     loads = [x for x in loads if x is not None]
+    dates = sorted(r.get("machine", {}).get("date_utc", "")
+                   for r in ours_train + ours_eval + rb_train)
+    dates = [d for d in dates if d]
+    when = (f"{dates[0]} to {dates[-1]} (the round files were not all "
+            "written by one run; each file's date and command are in it and "
+            "under Exact commands)" if dates and dates[0][:13] != dates[-1][:13]
+            else machine.get("date_utc"))
     lines += [f"Machine: {machine.get('cpu_model')}, "
               f"{machine.get('cores_usable')} usable cores, "
-              f"{machine.get('memory_gib')} GiB; {machine.get('date_utc')}. "
+              f"{machine.get('memory_gib')} GiB; {when}. "
               f"jax {v.get('jax')}, flax {v.get('flax')}, tensorflow "
               f"{v.get('tensorflow')}. Load average (1 min) at the start of "
               f"each measurement: {', '.join(f'{x:.1f}' for x in loads)} "
