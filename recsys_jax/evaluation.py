@@ -164,8 +164,6 @@ def length_bucketed(batches: Iterable[Mapping[str, np.ndarray]], *,
         out[k] = np.concatenate([part, pad])
       out["valid"] = (np.arange(size) < len(idx)).astype(np.float32)
       yield out
-    if count < window:
-      return
 
 
 class Evaluator:
