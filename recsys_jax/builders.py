@@ -28,13 +28,15 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              mask_prob: Optional[float] = None,
              max_predictions: Optional[int] = None,
              dtype: str = "float32",
-             positions_from_end: bool = False) -> "model_lib.Bert4RecModel":
+             positions_from_end: bool = False, causal: bool = False,
+             output_transform: bool = True) -> "model_lib.Bert4RecModel":
   """A Bert4Rec wrapper sized for the prepared dataset at `data_dir`.
 
   Args:
     data_dir: prepared dataset (its item count sizes the tables).
     max_len: maximum sequence length (positions).
-    positions_from_end: see `Bert4RecConfig.positions_from_end`.
+    positions_from_end, causal, output_transform: see `Bert4RecConfig`
+      (causal=True is SASRec: next-item training at every position).
     loss: 'full' softmax, or 'sampled_uniform' / 'sampled_popularity' /
       'in_batch' for large catalogues.
     num_negatives: negatives per batch for the sampled losses.
@@ -48,7 +50,8 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
-      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end)
+      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end,
+      causal=causal, output_transform=output_transform)
   if max_predictions is None and mask_prob is not None:
     max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
   log_pop = (train_item_log_popularity(data_dir)

@@ -46,14 +46,44 @@ def gather_predictions(hidden: Array, targets: Array, weights: Array,
           jnp.take_along_axis(weights, idx, axis=1))
 
 
+def next_item_batch(batch: Batch) -> Tuple[Batch, Array, Array]:
+  """Causal (next-item) training view of a masked batch.
+
+  The cloze-masked inputs are restored (`targets` hold the true item at every
+  weighted position), and every item gets the next item of the same sequence
+  (segment) as its target: a row of n items gives n - 1 predictions. An
+  evaluation row (history + [MASK], target at the [MASK]) gives the history
+  with the target appended, so its last prediction is the evaluation one.
+
+  Returns:
+    (batch with restored `item_ids`, targets `[B, L]`, weights `[B, L]`).
+  """
+  ids = batch["item_ids"]
+  items = jnp.where(batch["loss_weights"] > 0,
+                    batch["targets"].astype(ids.dtype), ids)
+  segments = batch.get("segment_ids")
+  if segments is None:
+    segments = (items != 0).astype(jnp.int32)
+
+  def shift(x):
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+  following, following_segment = shift(items), shift(segments)
+  valid = (items != 0) & (following != 0) & (following_segment == segments)
+  targets = jnp.where(valid, following, 0).astype(jnp.int32)
+  return dict(batch, item_ids=items), targets, valid.astype(jnp.float32)
+
+
 class SequenceRecModel:
   """Shared wrapper of masked-item sequence recommenders with a tied output.
 
   Subclasses set `module` (with `__call__`, `output_query`, `logits`,
   `all_logits`), `num_items`, `max_len`, `mask_id`, `padded_vocab` and
-  `_table_and_bias(params)`.
+  `_table_and_bias(params)`; `causal` (unidirectional module) switches the
+  loss to next-item targets at every position and scoring to the hidden
+  state of the last history item.
   """
   module: nn.Module
+  causal: bool = False
   num_items: int
   max_len: int
   mask_id: int
@@ -132,16 +162,22 @@ class SequenceRecModel:
     """Masked-item loss: (loss, {'loss_sum', 'weight_sum', 'correct_sum'}).
 
     Logits are computed only at the (at most `max_predictions`) weighted
-    positions of each row. For the sampled losses `correct_sum` counts
-    targets that beat every sampled candidate, not the full catalogue.
+    positions of each row; a `causal` model predicts the next item at every
+    position instead (`next_item_batch`; `max_predictions` does not apply).
+    For the sampled losses `correct_sum` counts targets that beat every
+    sampled candidate, not the full catalogue.
     """
     sample_rng = jax.random.PRNGKey(0)
     if dropout_rng is not None:
       dropout_rng, sample_rng = jax.random.split(dropout_rng)
+    if self.causal:
+      batch, targets, weights = next_item_batch(batch)
+      num = targets.shape[1]
+    else:
+      targets = batch["targets"].astype(jnp.int32)
+      weights = batch["loss_weights"].astype(jnp.float32)
+      num = self.max_predictions or targets.shape[1]
     hidden = self.hidden_states(params, batch, dropout_rng)
-    targets = batch["targets"].astype(jnp.int32)
-    weights = batch["loss_weights"].astype(jnp.float32)
-    num = self.max_predictions or targets.shape[1]
     hidden, targets, weights = gather_predictions(hidden, targets, weights, num)
     if self.loss == "full":
       query = self._apply(params, hidden, method="output_query")
@@ -197,9 +233,16 @@ class SequenceRecModel:
   # -- scoring and export ----------------------------------------------------
 
   def hidden_at_mask(self, params, batch: Batch) -> Array:
-    """`[B, E]` hidden state at each row's (first) [MASK] position."""
+    """`[B, E]` hidden state that scores each row's (first) [MASK].
+
+    The [MASK] position itself; for a `causal` model the position before it
+    (the last history item, as SASRec scores), or the [MASK] when the
+    history is empty.
+    """
     hidden = self.hidden_states(params, batch)
     idx = jnp.argmax(batch["item_ids"] == self.mask_id, axis=1)  # [B]
+    if self.causal:
+      idx = jnp.maximum(idx - 1, 0)
     return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
 
   def item_scores_from_hidden(self, params, hidden: Array) -> Array:
@@ -252,6 +295,7 @@ class Bert4RecModel(SequenceRecModel):
     self.max_len = config.max_len
     self.mask_id = config.mask_id
     self.padded_vocab = config.padded_vocab
+    self.causal = config.causal
     super().__init__(loss=loss, num_negatives=num_negatives,
                      item_log_popularity=item_log_popularity,
                      max_predictions=max_predictions, z_loss=z_loss)

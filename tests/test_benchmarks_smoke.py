@@ -16,6 +16,7 @@ import pytest
 from benchmarks import common
 from benchmarks import eval_throughput
 from benchmarks import recbole_peer
+from benchmarks import time_to_quality
 from benchmarks import train_throughput
 from recsys_jax import model_lib
 from recsys_jax.models import bert4rec
@@ -212,5 +213,42 @@ def test_summarize_head_change_record_and_quality(tmp_path):
   text = open(common.summarize(str(res), str(tmp_path / "R.md"))).read()
   assert "Record: the output-layer change, before / after" in text
   assert "| staged_padded | 2.000 | 1.000 | 2.00x | 10.0% | 20.0% | 1 |" in text
+  _fake(res / "ours_quality_sasrec.json",
+        {"system": "recsys_jax", "gin_file": "gin/experiments/x.gin",
+         "budget_s": 900.0, "target_ndcg@10": 0.04,
+         "points": [{"train_s": 300.0}],
+         "final_test": {"hr@10": 0.07, "ndcg@10": 0.041},
+         "best_test_ndcg@10": 0.041, "time_to_target_train_s": 240.0,
+         "time_to_target_wall_s": 300.0})
+  text = open(common.summarize(str(res), str(tmp_path / "R.md"))).read()
   assert "| RecBole 1.2.1 SASRec | 120 | 121 | 0.50 | 0.0500 | 0.0250 |" in text
   assert "not reached" in text
+  assert ("| recsys_jax x.gin | 900 | 300 | n/a | 0.0700 | 0.0410 | 0.0410 | "
+          "4.0 min | 5.0 min |") in text
+
+
+def test_time_to_quality_log_parsing():
+  log = time_to_quality.RunLog()
+  t0 = log.t0
+  lines = [
+      (10.0, "step 100/400 | loss 9.1 | masked acc 0.01 | ETA 1m"),
+      (12.0, "[eval step 100] validation (full_ranking, 50 users): "
+             "HR@10=0.2000 NDCG@10=0.1000 MRR=0.0500"),
+      (14.0, "[eval step 100] test (full_ranking, 50 users): "
+             "HR@10=0.1000 NDCG@10=0.0300 MRR=0.0200"),
+      (15.0, "[eval step 100] test_popularity (full_ranking, 50 users): "
+             "HR@10=0.0500 NDCG@10=0.0100 MRR=0.0100"),
+      (30.0, "step 200/400 | loss 8.0"),
+      (33.0, "[eval step 200] test (full_ranking, 50 users): HR@10=0.2000 "
+             "NDCG@10=0.0500 MRR=0.0300"),
+      (34.0, "some other line"),
+  ]
+  points = [log.feed(line, t0 + t) for t, line in lines]
+  first, second = points[2], points[5]
+  assert [p for p in points if p] == [first, second]
+  assert first["step"] == 100 and first["users"] == 50
+  assert first["test"] == {"hr@10": 0.1, "ndcg@10": 0.03, "mrr": 0.02}
+  assert first["wall_s"] == 14.0 and first["train_s"] == 10.0
+  # The step-100 evaluation took 10 -> 15 s; the step-200 one 30 -> 33 s.
+  assert second["train_s"] == 33.0 - 5.0 - 3.0
+  assert log.eval_s_total == 8.0 and log.last_step == 200

@@ -270,3 +270,11 @@ def test_positions_from_end_same_for_any_padding_or_packing():
   np.testing.assert_allclose(h_left[1, 5:], h_right[1, :3], **tol)
   np.testing.assert_allclose(h_packed[0, :4], h_right[0, :4], **tol)
   np.testing.assert_allclose(h_packed[0, 4:7], h_right[1, :3], **tol)
+
+
+def test_causal_attention_mask_by_hand():
+  valid = np.array([[True, True, True, False]])
+  seg = np.array([[1, 1, 2, 0]])
+  mask = np.asarray(layers.make_attention_mask(valid, seg, causal=True))[0, 0]
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0], [1, 1, 0, 0],
+                                       [0, 0, 1, 0], [0, 0, 0, 0]])

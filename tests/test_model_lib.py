@@ -287,3 +287,76 @@ def test_vocab_sharded_matches_single_device():
   out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, repo],
                        capture_output=True, text=True, env=env, timeout=300)
   assert "SHARDED_OK" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+# -- causal (SASRec-style) mode ---------------------------------------------
+
+CAUSAL_CFG = bert4rec.Bert4RecConfig(
+    num_items=N, max_len=8, hidden=32, num_layers=1, num_heads=2, mlp_dim=64,
+    dropout_rate=0.0, attention_dropout_rate=0.0, causal=True,
+    output_transform=False)
+
+
+def test_next_item_batch_by_hand():
+  # Row 0: one user with two masked items; row 1: two packed users.
+  batch = {"item_ids": np.array([[4, MASK, 6, MASK, 0],
+                                 [1, 2, MASK, 7, 8]], np.int32),
+           "targets": np.array([[0, 5, 0, 9, 0], [0, 0, 3, 0, 0]], np.int32),
+           "loss_weights": np.array([[0, 1, 0, 1, 0], [0, 0, 1, 0, 0]],
+                                    np.float32),
+           "segment_ids": np.array([[1, 1, 1, 1, 0], [1, 1, 1, 2, 2]])}
+  restored, targets, weights = model_lib.next_item_batch(batch)
+  np.testing.assert_array_equal(restored["item_ids"],
+                                [[4, 5, 6, 9, 0], [1, 2, 3, 7, 8]])
+  np.testing.assert_array_equal(targets, [[5, 6, 9, 0, 0], [2, 3, 0, 8, 0]])
+  np.testing.assert_array_equal(weights, targets > 0)
+  # Unpacked rows: the nonzero ids are one sequence.
+  del batch["segment_ids"]
+  _, targets, _ = model_lib.next_item_batch(batch)
+  np.testing.assert_array_equal(targets[0], [5, 6, 9, 0, 0])
+
+
+def test_causal_loss_matches_numpy_and_scores_from_last_item():
+  model = model_lib.Bert4RecModel(CAUSAL_CFG, max_predictions=2)
+  module = bert4rec.Bert4Rec(CAUSAL_CFG)
+  params = nn.meta.unbox(jax.jit(model.get_initial_variables)(
+      jax.random.PRNGKey(3)))["params"]
+  items = np.array([[3, 8, 2, 11, 6, 0, 0, 0],
+                    [5, 1, 19, 4, 7, 9, 13, 10]], np.int32)
+  # The same rows cloze-masked: the causal loss restores them.
+  masked = items.copy()
+  masked[0, 1], masked[1, 5] = MASK, MASK
+  targets = np.where(masked == MASK, items, 0)
+  batch = {"item_ids": masked, "targets": targets,
+           "loss_weights": (targets > 0).astype(np.float32)}
+  logits = np.asarray(jax.jit(lambda p: module.apply(
+      {"params": p}, items, method=bert4rec.Bert4Rec.all_logits))(params))
+  lsm = np_log_softmax(logits)
+  nxt = np.concatenate([items[:, 1:], np.zeros((2, 1), np.int32)], 1)
+  w = ((items > 0) & (nxt > 0)).astype(np.float64)
+  nll = -np.take_along_axis(lsm, nxt[..., None], -1)[..., 0]
+  (loss, aux), grads = value_and_grad(model)(params, batch, None)
+  assert float(aux["weight_sum"]) == w.sum() == 11  # max_predictions unused
+  np.testing.assert_allclose(aux["loss_sum"], (nll * w).sum(), rtol=1e-5)
+  np.testing.assert_allclose(loss, (nll * w).sum() / w.sum(), rtol=1e-5)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+  # Causal: a later item never changes an earlier hidden state.
+  changed = items.copy()
+  changed[1, 6:] = [2, 3]
+  h = jax.jit(lambda p, x: module.apply({"params": p}, x))
+  np.testing.assert_allclose(np.asarray(h(params, changed))[1, :6],
+                             np.asarray(h(params, items))[1, :6],
+                             rtol=1e-5, atol=1e-6)
+
+  # Scoring the evaluation row (history + [MASK]) uses the last history
+  # item's hidden state: the logits of position 3 of the plain history.
+  eval_ids = np.array([[3, 8, 2, 11, MASK, 0, 0, 0]], np.int32)
+  scores = np.asarray(jax.jit(model.score_fn)(params, {"item_ids": eval_ids}))
+  np.testing.assert_allclose(scores[0], logits[0, 3, 1:N + 1], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_causal_config_needs_positions_from_start():
+  with pytest.raises(ValueError, match="causal=True needs positions_from_end"):
+    bert4rec.Bert4RecConfig(num_items=N, causal=True, positions_from_end=True)

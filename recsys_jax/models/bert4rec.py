@@ -49,6 +49,13 @@ class Bert4RecConfig:
       packing, counting from the start puts the predicted position at a
       different index for every length, and the model must learn "the item
       before me" once per length.
+    causal: unidirectional (SASRec-style) attention: each position attends
+      only to itself and earlier ones. The model wrapper then trains on the
+      next item at every position and scores from the last history item
+      (`model_lib.next_item_batch`), so one forward pass gives a prediction
+      per interaction instead of one per masked position. Needs positions
+      counted from the start (from the end would tell each position how
+      many items follow it).
   """
   num_items: int
   max_len: int = 50
@@ -63,6 +70,7 @@ class Bert4RecConfig:
   pre_layer_norm: bool = True
   output_transform: bool = True
   positions_from_end: bool = False
+  causal: bool = False
 
   def __post_init__(self):
     for name in ("num_items", "max_len", "hidden", "num_layers", "num_heads",
@@ -73,6 +81,10 @@ class Bert4RecConfig:
     if self.hidden % self.num_heads:
       raise ValueError(f"Bert4RecConfig.hidden={self.hidden} must be divisible"
                        f" by num_heads={self.num_heads}")
+    if self.causal and self.positions_from_end:
+      raise ValueError("Bert4RecConfig: causal=True needs positions_from_end="
+                       "False (positions counted from the end reveal how many "
+                       "items follow each position)")
     if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32),
                                      jnp.dtype(jnp.bfloat16)):
       raise ValueError(f"Bert4RecConfig.dtype={self.dtype!r}: expected "
@@ -186,7 +198,8 @@ class Bert4Rec(nn.Module):
     x = self.embed_norm(x)
     x = self.embed_dropout(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, layers.BLOCK_AXES)
-    mask = layers.make_attention_mask(item_ids != 0, segment_ids)
+    mask = layers.make_attention_mask(item_ids != 0, segment_ids,
+                                      causal=cfg.causal)
     for block in self.blocks:
       x = block(x, mask, deterministic=deterministic)
     if cfg.pre_layer_norm:

@@ -54,19 +54,24 @@ def layer_norm(dtype: DType = jnp.float32,
 
 
 def make_attention_mask(valid: Array,
-                        segment_ids: Optional[Array] = None) -> Array:
-  """Bidirectional attention mask `[B, 1, L, L]` (True = may attend).
+                        segment_ids: Optional[Array] = None,
+                        causal: bool = False) -> Array:
+  """Attention mask `[B, 1, L, L]` (True = may attend).
 
   Args:
     valid: `[B, L]` bool, False at padding.
     segment_ids: optional `[B, L]` ints; a query attends only to keys of the
       same nonzero segment (packing several users into one row).
+    causal: a query attends only to keys at its own or earlier positions.
   """
   mask = valid[:, None, None, :] & valid[:, None, :, None]
   if segment_ids is not None:
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     nonzero = segment_ids[:, None, None, :] != 0
     mask = mask & same & nonzero
+  if causal:
+    length = valid.shape[1]
+    mask = mask & (jnp.arange(length)[:, None] >= jnp.arange(length)[None, :])
   return mask
 
 
