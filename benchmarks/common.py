@@ -561,6 +561,27 @@ def _quality_section(results_dir: str) -> List[str]:
         f"{_fmt(r.get('machine', {}).get('load_average_start', [None])[0], 1)}"
         " |")
   target = (ours + peers)[0].get("target_ndcg@10", 0.040)
+  equal = []
+  for peer in peers:
+    budget = peer.get("budget_s")
+    for r in ours:
+      within = [p for p in r.get("points", [])
+                if budget and p.get("train_s", math.inf) <= budget]
+      if not within:
+        continue
+      p = within[-1]
+      final = peer.get("final_test", {})
+      equal.append(
+          f"| {_fmt(budget)} | {peer.get('peer')}: {_fmt(final.get('hit@10'), 4)}"
+          f" / {_fmt(final.get('ndcg@10'), 4)} | recsys_jax "
+          f"{os.path.basename(r.get('gin_file', ''))} (step {p.get('step')}, "
+          f"{_fmt(p.get('train_s'))} s): {_fmt(p['test'].get('hr@10'), 4)} / "
+          f"{_fmt(p['test'].get('ndcg@10'), 4)} |")
+  if equal:
+    equal = ["Equal training budget: RecBole's result at the end of its "
+             "budget against our last evaluation within the same number of "
+             "training seconds (test HR@10 / NDCG@10).", "",
+             "| training s | RecBole | ours |", "|---|---|---|"] + equal + [""]
   return [
       "## Time to quality (Beauty test split)", "",
       f"Time until test NDCG@10 >= {target:.3f} (full ranking over all items,"
@@ -573,7 +594,7 @@ def _quality_section(results_dir: str) -> List[str]:
       "| run | budget s | trained s | epochs | final test HR@10 | final "
       "test NDCG@10 | best test NDCG@10 | to target (training) | to target "
       "(wall) | load at start |",
-      "|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
+      "|---|---|---|---|---|---|---|---|---|---|"] + rows + [""] + equal
 
 
 def summarize(results_dir: str = RESULTS_DIR,

@@ -216,7 +216,10 @@ def test_summarize_head_change_record_and_quality(tmp_path):
   _fake(res / "ours_quality_sasrec.json",
         {"system": "recsys_jax", "gin_file": "gin/experiments/x.gin",
          "budget_s": 900.0, "target_ndcg@10": 0.04,
-         "points": [{"train_s": 300.0}],
+         "points": [{"train_s": 100.0, "step": 250,
+                     "test": {"hr@10": 0.06, "ndcg@10": 0.03}},
+                    {"train_s": 300.0, "step": 500,
+                     "test": {"hr@10": 0.07, "ndcg@10": 0.041}}],
          "final_test": {"hr@10": 0.07, "ndcg@10": 0.041},
          "best_test_ndcg@10": 0.041, "time_to_target_train_s": 240.0,
          "time_to_target_wall_s": 300.0})
@@ -225,6 +228,9 @@ def test_summarize_head_change_record_and_quality(tmp_path):
   assert "not reached" in text
   assert ("| recsys_jax x.gin | 900 | 300 | n/a | 0.0700 | 0.0410 | 0.0410 | "
           "4.0 min | 5.0 min |") in text
+  # Equal budget: RecBole's 120 training seconds against our step 250.
+  assert ("| 120 | RecBole 1.2.1 SASRec: 0.0500 / 0.0250 | recsys_jax x.gin "
+          "(step 250, 100 s): 0.0600 / 0.0300 |") in text
 
 
 def test_time_to_quality_log_parsing():

@@ -278,3 +278,28 @@ def test_causal_attention_mask_by_hand():
   mask = np.asarray(layers.make_attention_mask(valid, seg, causal=True))[0, 0]
   np.testing.assert_array_equal(mask, [[1, 0, 0, 0], [1, 1, 0, 0],
                                        [0, 0, 1, 0], [0, 0, 0, 0]])
+
+
+def test_dropout_rate_scale_and_determinism():
+  assert [layers.dropout_threshold(r) for r in (0.0, 0.001, 0.2, 0.5)] == [
+      0, 1, 51, 128]
+  with pytest.raises(ValueError, match="expected 0 <= rate < 1"):
+    layers.dropout_threshold(1.0)
+  x = jnp.ones((64, 50, 37), jnp.float32)  # last dim not a multiple of 4
+  drop = layers.Dropout(0.2)
+  apply = jax.jit(lambda rng: drop.apply({}, x, deterministic=False,
+                                         rngs={"dropout": rng}))
+  y = np.asarray(apply(jax.random.PRNGKey(0)))
+  kept = y != 0
+  scale = 256 / (256 - 51)
+  np.testing.assert_allclose(y[kept], scale, rtol=1e-6)
+  # 118,400 draws: the drop fraction within 4 standard deviations of 51/256.
+  p = 51 / 256
+  assert abs((1 - kept.mean()) - p) < 4 * np.sqrt(p * (1 - p) / y.size)
+  assert abs(y.mean() - 1.0) < 0.01  # the expectation is preserved
+  # Draws are not repeated along the padded last axis or across rows.
+  assert not np.array_equal(kept[0], kept[1])
+  np.testing.assert_array_equal(y, np.asarray(apply(jax.random.PRNGKey(0))))
+  assert not np.array_equal(y, np.asarray(apply(jax.random.PRNGKey(1))))
+  np.testing.assert_array_equal(
+      drop.apply({}, x, deterministic=True), x)

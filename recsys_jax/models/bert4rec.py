@@ -148,7 +148,7 @@ class Bert4Rec(nn.Module):
     self.position_embed = layers.embedding(cfg.max_len, cfg.hidden,
                                            ("length", "embed"), dtype=dtype)
     self.embed_norm = layers.layer_norm(dtype)
-    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.embed_dropout = layers.Dropout(cfg.dropout_rate)
     self.blocks = [
         layers.TransformerBlock(
             num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
