@@ -120,12 +120,14 @@ def check_architecture(saved: Optional[dict], expected: dict, where: str
   """Raises if parameters saved under `saved` do not fit `expected`.
 
   Both are `model.architecture()` records (JSON). A record missing on
-  either side (an older checkpoint, a model without one) is not checked.
+  either side (an older checkpoint, a model without one) is not checked, nor
+  is a field the saved record lacks: fields are added to a config later with
+  a default that keeps the older behaviour (e.g. `causal=False`), so an
+  older checkpoint stays loadable.
   """
   if not saved or not expected:
     return
-  diff = sorted(k for k in set(saved) | set(expected)
-                if saved.get(k) != expected.get(k))
+  diff = sorted(k for k in saved if saved.get(k) != expected.get(k))
   if diff:
     lines = [f"  {k}: saved {saved.get(k)!r}, configured {expected.get(k)!r}"
              for k in diff]

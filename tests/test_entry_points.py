@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -153,6 +154,23 @@ def test_eval_refuses_a_different_architecture(tiny_data, reference,
   manifest = _read_json(os.path.join(export_dir, "export.json"))
   assert manifest["architecture"]["positions_from_end"] is True
   assert manifest["architecture"]["hidden"] == HIDDEN
+
+
+def test_resume_refuses_a_different_architecture(tiny_data, reference,
+                                                 tmp_path):
+  # A copy of the finished run, resumed for more steps with causal attention
+  # (positions from the start, as causal needs): no parameter shape changes.
+  model_dir = str(tmp_path / "run")
+  shutil.copytree(reference.model_dir, model_dir)
+  res = helpers.run_entry("recsys_jax.train", helpers.train_flags(
+      tiny_data, model_dir, steps=44, extra=(
+          "--gin.builders.bert4rec.causal=True",
+          "--gin.builders.bert4rec.positions_from_end=False")))
+  assert res.rc != 0, res.stdout[-2000:]
+  assert "different model architecture" in res.stderr, res.stderr[-3000:]
+  assert "causal: saved False, configured True" in res.stderr
+  assert helpers.checkpoint_steps(model_dir) == helpers.checkpoint_steps(
+      reference.model_dir)  # nothing written
 
 
 def test_export_writes_params_embeddings_and_manifest(reference, export_dir):

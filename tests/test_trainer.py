@@ -347,3 +347,19 @@ def test_sharded_training_equals_single_device(tiny_data, tmp_path):
   # is not between untouched initial values.
   with np.load(tmp_path / "single.npz") as final:
     assert np.abs(final["['output_bias']"]).max() > 1e-4
+
+
+def test_check_architecture_fields():
+  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  now = {"module": "Bert4Rec", "hidden": 16, "causal": False}
+  checkpoints.check_architecture(dict(now), now, "ckpt")  # equal: passes
+  checkpoints.check_architecture(None, now, "ckpt")  # no record: unchecked
+  # An older record without a field added since (with its old default).
+  checkpoints.check_architecture({"module": "Bert4Rec", "hidden": 16}, now,
+                                 "ckpt")
+  with pytest.raises(ValueError, match=r"ckpt was written by a different "
+                     r"model architecture[\s\S]*hidden: saved 32, configured "
+                     r"16"):
+    checkpoints.check_architecture(dict(now, hidden=32), now, "ckpt")
+  with pytest.raises(ValueError, match="old_field: saved 1, configured None"):
+    checkpoints.check_architecture(dict(now, old_field=1), now, "ckpt")
