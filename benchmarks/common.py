@@ -775,7 +775,9 @@ def summarize(results_dir: str = RESULTS_DIR,
               "val NDCG@10 | val HR@10 | train s |",
               "|---|---|---|---|---|---|---|"] + qrows + [""]
   lines += _quality_section(results_dir)
-  timed = sorted(ours_train + rb_train + ours_eval,
+  timed = sorted(ours_train + rb_train + ours_eval
+                 + _rounds(results_dir, "ours_quality_")
+                 + _rounds(results_dir, "recbole_quality_"),
                  key=lambda r: r.get("machine", {}).get("date_utc", ""))
   commands = [r["machine"]["command"] for r in timed
               if r.get("machine", {}).get("command")]
