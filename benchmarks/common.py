@@ -531,11 +531,10 @@ def _head_change_section(results_dir: str,
       "|---|---|---|---|---|---|---|"] + rows + [""]
 
 
-def _quality_section(results_dir: str) -> List[str]:
+def _quality_section(ours: List[Dict[str, Any]],
+                     peers: List[Dict[str, Any]]) -> List[str]:
   """Time-to-quality runs: ours (ours_quality_*.json, time_to_quality.py)
   and RecBole's (recbole_quality_*.json, recbole_peer.py --quality_model)."""
-  ours = _rounds(results_dir, "ours_quality_")
-  peers = _rounds(results_dir, "recbole_quality_")
   if not ours and not peers:
     return []
 
@@ -774,10 +773,10 @@ def summarize(results_dir: str = RESULTS_DIR,
               "| arm | rows/batch | steps | masked acc (held-out rows) | "
               "val NDCG@10 | val HR@10 | train s |",
               "|---|---|---|---|---|---|---|"] + qrows + [""]
-  lines += _quality_section(results_dir)
-  timed = sorted(ours_train + rb_train + ours_eval
-                 + _rounds(results_dir, "ours_quality_")
-                 + _rounds(results_dir, "recbole_quality_"),
+  ours_quality = _rounds(results_dir, "ours_quality_")
+  rb_quality = _rounds(results_dir, "recbole_quality_")
+  lines += _quality_section(ours_quality, rb_quality)
+  timed = sorted(ours_train + rb_train + ours_eval + ours_quality + rb_quality,
                  key=lambda r: r.get("machine", {}).get("date_utc", ""))
   commands = [r["machine"]["command"] for r in timed
               if r.get("machine", {}).get("command")]

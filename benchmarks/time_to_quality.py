@@ -29,6 +29,7 @@ without it the benchmark exits with a message and writes nothing.
 """
 
 import argparse
+import collections
 import math
 import os
 import re
@@ -86,9 +87,10 @@ class RunLog:
     if not m:
       return None
     step, split = int(m.group(1)), m.group(2)
-    start = self._step_line_t.get(step, self._eval_end.get(step, t))
-    prev_end = self._eval_end.get(step, start)
-    self.eval_s_total += t - prev_end  # this split's share of the eval
+    # This split's share of the evaluation: since the previous split's
+    # result, or for the first split since the step line printed before it.
+    prev_end = self._eval_end.get(step, self._step_line_t.get(step, t))
+    self.eval_s_total += t - prev_end
     self._eval_end[step] = t
     if split != self.split:
       return None
@@ -120,10 +122,10 @@ def run(args) -> Dict[str, Any]:
   stop_reason = "schedule end"
   timer = threading.Timer(args.budget_s, proc.send_signal, [signal.SIGTERM])
   timer.start()
-  tail: List[str] = []
+  tail = collections.deque(maxlen=40)
   try:
     for line in proc.stdout:
-      tail = (tail + [line])[-40:]
+      tail.append(line)
       point = log.feed(line)
       if args.verbose or point or STEP_RE.match(line):
         print(line, end="", flush=True)
@@ -177,8 +179,8 @@ def main(argv=None):
                  help="extra override NAME=VALUE (repeatable), passed as "
                       "--gin.NAME=VALUE")
   p.add_argument("--data_dir", default=None,
-                 help="prepared Beauty (default: the gin file's DATA_DIR, "
-                      "prepared there on first use)")
+                 help="prepared Beauty (default: data/beauty in the "
+                      "repository, prepared there on first use)")
   p.add_argument("--model_dir", default=None,
                  help="keep the run here (default: a temporary directory, "
                       "removed at the end)")
