@@ -29,7 +29,9 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              max_predictions: Optional[int] = None,
              dtype: str = "float32",
              positions_from_end: bool = False, causal: bool = False,
-             output_transform: bool = True) -> "model_lib.Bert4RecModel":
+             output_transform: bool = True,
+             loss_chunk_rows: Optional[int] = model_lib.DEFAULT_LOSS_CHUNK_ROWS
+             ) -> "model_lib.Bert4RecModel":
   """A Bert4Rec wrapper sized for the prepared dataset at `data_dir`.
 
   Args:
@@ -42,6 +44,8 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
     num_negatives: negatives per batch for the sampled losses.
     mask_prob, max_predictions: bound the masked positions gathered for the
       loss (defaults to ceil(mask_prob * max_len) + 1 when mask_prob is set).
+    loss_chunk_rows: rows per chunk of the full softmax (None: one chunk;
+      see `model_lib.Bert4RecModel`).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   num_items = prepared.PreparedDataset(data_dir).num_items
@@ -58,4 +62,5 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              if loss == "sampled_popularity" else None)
   return model_lib.Bert4RecModel(
       config, loss=loss, num_negatives=num_negatives,
-      item_log_popularity=log_pop, max_predictions=max_predictions)
+      item_log_popularity=log_pop, max_predictions=max_predictions,
+      loss_chunk_rows=loss_chunk_rows)

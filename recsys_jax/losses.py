@@ -4,6 +4,7 @@ Losses return sums (`sum_loss`, `sum_weights`) so callers can average over
 any number of devices and steps; log-softmax always runs in float32.
 """
 
+import functools
 import math
 from typing import Callable, Optional, Tuple
 
@@ -48,41 +49,153 @@ def masked_softmax_cross_entropy(
   return jnp.sum(loss * weights), jnp.sum(weights)
 
 
-@jax.custom_vjp
-def tied_logits(query: Array, table: Array) -> Array:
-  """`[M, E] x [V, E] -> [M, V]` with a layout-friendly backward pass."""
-  return jnp.dot(query, table.T)
+Constrain = Callable[[Array, Tuple[Optional[str], ...]], Array]
 
 
-def _tied_logits_fwd(query, table):
-  return tied_logits(query, table), (query, table)
+def _no_constraint(x: Array, axes) -> Array:  # pylint: disable=unused-argument
+  return x
 
 
-def _tied_logits_bwd(res, g):
-  query, table = res
-  # d table = (q^T g)^T: XLA:CPU otherwise materialises g^T, a transposed
-  # [V, M] copy of the whole logits gradient (the step's costliest op).
-  return jnp.dot(g, table), jnp.dot(query.T, g).T
+def loss_chunks(rows: int, chunk_rows: Optional[int]) -> int:
+  """Chunks of `rows` output rows: the fewest that divide `rows` evenly and
+  hold at most `chunk_rows` each (one chunk when `chunk_rows` is None or
+  at least `rows`; a prime `rows` above `chunk_rows` gives one per row)."""
+  if chunk_rows is None or chunk_rows >= rows:
+    return 1
+  if chunk_rows < 1:
+    raise ValueError(f"chunk_rows={chunk_rows}: expected a positive integer "
+                     "or None")
+  n = -(-rows // chunk_rows)
+  while rows % n:
+    n += 1
+  return n
 
 
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+def _to_chunks(x: Array, n: int) -> Array:
+  """`[M, ...] -> [n, M // n, ...]`, chunk i = rows i, i + n, i + 2n, ...
+
+  Strided, so a row-sharded `x` stays local when n divides each shard's rows
+  (rows are batch-major: n dividing the predictions per row suffices).
+  """
+  m = x.shape[0]
+  return jnp.swapaxes(x.reshape((m // n, n) + x.shape[1:]), 0, 1)
+
+
+def _from_chunks(x: Array) -> Array:
+  n, c = x.shape[:2]
+  return jnp.swapaxes(x, 0, 1).reshape((n * c,) + x.shape[2:])
+
+
+def _ce_chunk(q, t, w, table, z_loss, constrain, with_grad):
+  """One chunk of rows: per-row loss and correct flag (and the gradients).
+
+  `q` `[c, E + 1]` and `table` `[V, E + 1]` carry the bias as a last column
+  (against a constant-1 query column): the bias add is inside the matmul and
+  its gradient comes out of the table gradient's.
+  """
+  logits = constrain(jnp.dot(q, table.T), ("batch", "vocab"))  # [c, V]
+  row_max = jnp.max(logits, axis=-1)
+  exp = jnp.exp(logits - row_max[:, None])
+  total = jnp.sum(exp, axis=-1)
+  lse = row_max + jnp.log(total)
+  target_logit = jnp.sum(q * jnp.take(table, t, axis=0), axis=-1)
+  loss = lse - target_logit
+  if z_loss:
+    loss = loss + z_loss * jnp.square(lse)
+  # The gathered target logit and the matmul's can differ by rounding: a
+  # relative slack of 1e-5 keeps a top-scoring target counted as correct.
+  slack = 1e-5 * (1.0 + jnp.abs(row_max))
+  correct = (target_logit >= row_max - slack).astype(jnp.float32)
+  if not with_grad:
+    return loss, correct, None
+  # d loss / d logits = softmax * (1 + 2 z lse) - onehot(target), per row
+  # weighted; the softmax reuses `exp`, the one-hot is a compare in the same
+  # [c, V] pass.
+  coef = w * (1.0 + 2.0 * z_loss * lse) if z_loss else w
+  hit = jnp.arange(logits.shape[-1])[None, :] == t[:, None]
+  g = constrain(exp * (coef / total)[:, None]
+                - jnp.where(hit, w[:, None], 0.0), ("batch", "vocab"))
+  d_query = jnp.dot(g, table)                       # [c, E + 1]
+  d_table_t = jnp.dot(q.T, g)                       # [E + 1, V]: q^T g, fast
+  return loss, correct, (d_query, d_table_t)
+
+
+def _fused_ce(z_loss, n, constrain, with_grad, query, table, targets,
+              weights):
+  """Scan over n row chunks: ([M] loss, [M] correct, (d query, d table))."""
+  args = (table, z_loss, constrain, with_grad)
+  if n == 1:
+    loss, correct, grads = _ce_chunk(query, targets, weights, *args)
+    if grads is not None:
+      grads = (grads[0], grads[1].T)
+    return loss, correct, grads
+  xs = (_to_chunks(query, n), _to_chunks(targets, n), _to_chunks(weights, n))
+  if not with_grad:
+    def body(carry, x):
+      loss, correct, _ = _ce_chunk(*x, *args)
+      return carry, (loss, correct)
+    _, (loss, correct) = jax.lax.scan(body, None, xs)
+    return _from_chunks(loss), _from_chunks(correct), None
+
+  def grad_body(d_table_t, x):
+    loss, correct, (d_query, dt) = _ce_chunk(*x, *args)
+    return (constrain(d_table_t + dt, ("embed", "vocab")),
+            (loss, correct, d_query))
+
+  init = constrain(jnp.zeros(table.shape[::-1], jnp.float32),
+                   ("embed", "vocab"))
+  d_table_t, (loss, correct, d_query) = jax.lax.scan(grad_body, init, xs)
+  return (_from_chunks(loss), _from_chunks(correct),
+          (_from_chunks(d_query), d_table_t.T))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tied_ce_sums(z_loss, n, constrain, query, table, targets, weights):
+  loss, correct, _ = _fused_ce(z_loss, n, constrain, False, query, table,
+                               targets, weights)
+  return jnp.sum(loss * weights), jnp.sum(correct * weights)
+
+
+def _tied_ce_sums_fwd(z_loss, n, constrain, query, table, targets, weights):
+  # The loss is a sum over rows, so its gradient is known in the forward
+  # pass: each chunk's [c, V] softmax is used while it is in cache and never
+  # stored (the backward pass only scales).
+  loss, correct, grads = _fused_ce(z_loss, n, constrain, True, query, table,
+                                   targets, weights)
+  sums = (jnp.sum(loss * weights), jnp.sum(correct * weights))
+  return sums, (grads, loss, targets)
+
+
+def _tied_ce_sums_bwd(z_loss, n, constrain, res, cotangents):
+  del z_loss, n, constrain
+  (d_query, d_table), loss, targets = res
+  g = cotangents[0]  # correct_sum has no gradient
+  d_targets = np.zeros(targets.shape, jax.dtypes.float0)
+  return g * d_query, g * d_table, d_targets, g * loss
+
+
+_tied_ce_sums.defvjp(_tied_ce_sums_fwd, _tied_ce_sums_bwd)
 
 
 def tied_softmax_cross_entropy(
     query: Array, table: Array, bias: Array, valid: Array, targets: Array,
     weights: Array, *, z_loss: float = 0.0,
-    constrain: Optional[Callable[[Array], Array]] = None
+    constrain: Optional[Constrain] = None,
+    chunk_rows: Optional[int] = None
 ) -> Tuple[Array, Array, Array]:
-  """Full-softmax cross-entropy of a tied output layer, computed lean.
+  """Full-softmax cross-entropy of a tied output layer, fused and chunked.
 
   Logits are `query @ table.T + bias` with non-candidates (`valid` False)
-  at -1e9. Compared with building the logits and calling
-  `masked_softmax_cross_entropy`, the `[M, V]` passes are cut down: the bias
-  is an extra column of the table against a constant-1 column of the query
-  (its gradient comes out of the table's matmul), the table gradient is
-  `(q^T g)^T` (`tied_logits`), the target logit is a `[M, E]` gather, and
-  `correct` compares it with the row max (ties, up to float rounding,
-  count as correct).
+  at -1e9. The rows are processed in chunks of at most `chunk_rows`
+  (`loss_chunks`; a `lax.scan`), and under differentiation each chunk's
+  gradients (query rows, table, bias) are computed right after its loss,
+  from the `[c, V]` logits while they are in cache: no `[M, V]` array is
+  ever materialised or kept for the backward pass, so memory is `c x V`
+  whatever the number of rows, and on CPU the chunk's matmuls and softmax
+  run from cache instead of memory (docs: benchmarks/README.md). The bias
+  is an extra table column against a constant-1 query column (its add and
+  gradient ride on the matmuls); the target logit is a `[M, E]` gather; `correct` compares it with the row max (ties,
+  up to float rounding, count as correct). `chunk_rows=None` is one chunk.
 
   Args:
     query: `[M, E]` output queries.
@@ -92,8 +205,11 @@ def tied_softmax_cross_entropy(
     targets: `[M]` int ids.
     weights: `[M]` loss weights.
     z_loss: coefficient of `logsumexp**2`.
-    constrain: applied to the `[M, V]` logits (e.g. a logical sharding
-      constraint to `('batch', 'vocab')`), or None.
+    constrain: `constrain(x, logical_axes)`, applied to each chunk's
+      `[c, V]` logits and gradient (`('batch', 'vocab')`) and to the table
+      and bias gradient accumulators (`('embed', 'vocab')`, `('vocab',)`),
+      e.g. a logical sharding constraint; None for none.
+    chunk_rows: rows per chunk (None: all rows in one).
 
   Returns:
     (sum of weighted losses, sum of weights, weighted count of targets that
@@ -103,23 +219,12 @@ def tied_softmax_cross_entropy(
   bias = jnp.where(valid, bias.astype(jnp.float32), jnp.float32(_EXCLUDED))
   query = jnp.concatenate([query, jnp.ones_like(query[:, :1])], axis=1)
   table = jnp.concatenate([table.astype(jnp.float32), bias[:, None]], axis=1)
-  logits = tied_logits(query, table)  # [M, V]
-  if constrain is not None:
-    logits = constrain(logits)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.sum(query * jnp.take(table, targets, axis=0), axis=-1)
-  loss = lse - target_logit
-  if z_loss:
-    loss = loss + z_loss * jnp.square(lse)
   weights = weights.astype(jnp.float32)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  # The gathered target logit and the matmul's can differ by rounding: a
-  # relative slack of 1e-5 keeps a top-scoring target counted as correct.
-  slack = 1e-5 * (1.0 + jnp.abs(row_max))
-  correct = (jax.lax.stop_gradient(target_logit) >= row_max - slack).astype(
-      jnp.float32)
-  return (jnp.sum(loss * weights), jnp.sum(weights),
-          jnp.sum(correct * weights))
+  n = loss_chunks(query.shape[0], chunk_rows)
+  loss_sum, correct_sum = _tied_ce_sums(
+      float(z_loss), n, constrain or _no_constraint, query, table,
+      targets.astype(jnp.int32), weights)
+  return loss_sum, jnp.sum(weights), correct_sum
 
 
 def alias_table(log_probs) -> Tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,9 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 LOSSES = ("full", "sampled_uniform", "sampled_popularity", "in_batch")
+# Rows of a full-softmax loss chunk: 256 x a 12,160-item vocabulary is 12 MB
+# of float32 logits, inside a CPU's last-level cache (benchmarks/README.md).
+DEFAULT_LOSS_CHUNK_ROWS = 256
 
 
 def gather_predictions(hidden: Array, targets: Array, weights: Array,
@@ -95,7 +98,8 @@ class SequenceRecModel:
 
   def __init__(self, *, loss: str = "full", num_negatives: int = 0,
                item_log_popularity: Optional[np.ndarray] = None,
-               max_predictions: Optional[int] = None, z_loss: float = 0.0):
+               max_predictions: Optional[int] = None, z_loss: float = 0.0,
+               loss_chunk_rows: Optional[int] = DEFAULT_LOSS_CHUNK_ROWS):
     if loss not in LOSSES:
       raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
     if loss in ("sampled_uniform", "sampled_popularity") and num_negatives < 1:
@@ -111,6 +115,10 @@ class SequenceRecModel:
     self.num_negatives = int(num_negatives)
     self.max_predictions = max_predictions
     self.z_loss = float(z_loss)
+    if loss_chunk_rows is not None and int(loss_chunk_rows) < 1:
+      raise ValueError(f"loss_chunk_rows={loss_chunk_rows}: expected a "
+                       "positive integer or None (one chunk)")
+    self.loss_chunk_rows = loss_chunk_rows
     self.item_log_popularity = None
     self._log_q_table = None  # [padded_vocab] log q by item id
     self._alias = None  # losses.alias_table of the popularity sampler
@@ -187,8 +195,8 @@ class SequenceRecModel:
           bert4rec_lib.item_id_mask(self.padded_vocab, self.num_items),
           targets.reshape(-1),
           weights.reshape(-1), z_loss=self.z_loss,
-          constrain=lambda x: nn.with_logical_constraint(
-              x, ("batch", "vocab")))
+          constrain=nn.with_logical_constraint,
+          chunk_rows=self.loss_chunk_rows)
     else:
       logits = self._sampled_logits(params, hidden, targets, weights,
                                     sample_rng)  # [B*P, 1 + K]
@@ -283,12 +291,16 @@ class Bert4RecModel(SequenceRecModel):
     item_log_popularity: `[N]` log-probabilities of items 1..N.
     max_predictions: positions per row that get logits (default: all L).
     z_loss: coefficient of the logsumexp**2 regulariser.
+    loss_chunk_rows: the full softmax runs over chunks of at most this many
+      prediction rows (`losses.tied_softmax_cross_entropy`): memory of the
+      logits is chunk x vocab whatever the batch; None = one chunk.
   """
 
   def __init__(self, config: bert4rec_lib.Bert4RecConfig, *,
                loss: str = "full", num_negatives: int = 0,
                item_log_popularity: Optional[np.ndarray] = None,
-               max_predictions: Optional[int] = None, z_loss: float = 0.0):
+               max_predictions: Optional[int] = None, z_loss: float = 0.0,
+               loss_chunk_rows: Optional[int] = DEFAULT_LOSS_CHUNK_ROWS):
     self.config = config
     self.module = bert4rec_lib.Bert4Rec(config)
     self.num_items = config.num_items
@@ -298,7 +310,8 @@ class Bert4RecModel(SequenceRecModel):
     self.causal = config.causal
     super().__init__(loss=loss, num_negatives=num_negatives,
                      item_log_popularity=item_log_popularity,
-                     max_predictions=max_predictions, z_loss=z_loss)
+                     max_predictions=max_predictions, z_loss=z_loss,
+                     loss_chunk_rows=loss_chunk_rows)
 
   def architecture(self) -> Dict[str, Any]:
     """The config fields that define the function the parameters compute.

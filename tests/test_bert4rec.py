@@ -137,6 +137,33 @@ def test_attention_matches_numpy_einsum():
   assert np.abs(out2[1, 2:4] - out[1, 2:4]).max() > 1e-3
 
 
+def test_gelu_and_mlp_match_numpy():
+  """layers.gelu (erf form) against float64 erf; the MLP (2-D matmuls over
+  flattened rows) against NumPy on a [B, L, E] input."""
+  import math  # pylint: disable=g-import-not-at-top
+  erf = np.vectorize(math.erf)
+  x = np.linspace(-8.0, 8.0, 4001)
+  ref = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+  got = np.asarray(layers.gelu(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+      got, np.asarray(jax.nn.gelu(jnp.asarray(x, jnp.float32),
+                                  approximate=False)), atol=1e-6)
+
+  xb = np.random.default_rng(4).normal(size=(2, 5, 8)).astype(np.float32)
+  mlp = layers.Mlp(mlp_dim=12)
+  p = nn.meta.unbox(jitted(mlp, "init")(jax.random.PRNGKey(0), xb)["params"])
+  p = jax.tree.map(
+      lambda a: a + 0.1 * np.random.default_rng(5).normal(size=a.shape), p)
+  out = np.asarray(jitted(mlp)({"params": p}, xb))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  h = xb @ p["wi"]["kernel"] + p["wi"]["bias"]
+  h = 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))
+  ref = h @ p["wo"]["kernel"] + p["wo"]["bias"]
+  assert out.shape == xb.shape
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
 def test_packing_matches_separate_rows(params, apply):
   user_a = [3, 7, 21, 9]
   user_b = [12, 21, 5]

@@ -200,7 +200,20 @@ def test_info_nce_matches_numpy():
   assert float(losses.info_nce(eye, eye, 0.01)) < 1e-6
 
 
-def test_tied_softmax_cross_entropy_matches_numpy_and_explicit_logits():
+def test_loss_chunks():
+  assert losses.loss_chunks(2816, None) == 1
+  assert losses.loss_chunks(2816, 4096) == 1
+  assert losses.loss_chunks(2816, 256) == 11   # 2816 = 11 x 256
+  assert losses.loss_chunks(1600, 256) == 8    # chunks of 200
+  assert losses.loss_chunks(12, 5) == 3        # chunks of 4
+  assert losses.loss_chunks(7, 3) == 7         # prime: one row a chunk
+  with pytest.raises(ValueError, match="chunk_rows=0"):
+    losses.loss_chunks(8, 0)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 2, 3, 4, 100])
+def test_tied_softmax_cross_entropy_matches_numpy_and_explicit_logits(
+    chunk_rows):
   rng = np.random.default_rng(3)
   m, v, e = 6, 11, 5
   query = rng.normal(size=(m, e)).astype(np.float32)
@@ -214,7 +227,8 @@ def test_tied_softmax_cross_entropy_matches_numpy_and_explicit_logits():
   query[1] = table[targets[1]] * 50  # a confidently right row
   z = 1e-3
   loss_sum, weight_sum, correct_sum = losses.tied_softmax_cross_entropy(
-      query, table, bias, valid, targets, weights, z_loss=z)
+      query, table, bias, valid, targets, weights, z_loss=z,
+      chunk_rows=chunk_rows)
   logits = query.astype(np.float64) @ table.T + bias
   logits[:, ~valid] = -1e9
   lse = np_logsumexp(logits)
@@ -225,16 +239,23 @@ def test_tied_softmax_cross_entropy_matches_numpy_and_explicit_logits():
   np.testing.assert_allclose(correct_sum, np.sum(best * weights))
 
   # Gradients equal those of the explicit-logits loss.
-  def explicit(q, t, b):
+  # Gradients (query, table, bias, weights) equal those of the
+  # explicit-logits loss, scaled by an upstream cotangent; under jit too.
+  def explicit(q, t, b, w):
     lg = jnp.where(valid, q @ t.T + b, -1e9)
-    return losses.masked_softmax_cross_entropy(lg, targets, weights,
-                                               z_loss=z)[0]
+    return 3.0 * losses.masked_softmax_cross_entropy(lg, targets, w,
+                                                     z_loss=z)[0]
 
-  def lean(q, t, b):
-    return losses.tied_softmax_cross_entropy(q, t, b, valid, targets,
-                                             weights, z_loss=z)[0]
+  def lean(q, t, b, w):
+    loss, _, correct = losses.tied_softmax_cross_entropy(
+        q, t, b, valid, targets, w, z_loss=z, chunk_rows=chunk_rows)
+    return 3.0 * loss + correct  # correct_sum carries no gradient
 
-  g1 = jax.grad(explicit, argnums=(0, 1, 2))(query, table, bias)
-  g2 = jax.grad(lean, argnums=(0, 1, 2))(query, table, bias)
+  args = (query, table, bias, weights)
+  g1 = jax.grad(explicit, argnums=(0, 1, 2, 3))(*args)
+  g2 = jax.jit(jax.grad(lean, argnums=(0, 1, 2, 3)))(*args)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # value_and_grad's value is the primal loss.
+  value, _ = jax.value_and_grad(lean)(*args)
+  np.testing.assert_allclose(value, 3.0 * loss_sum + correct_sum, rtol=1e-6)

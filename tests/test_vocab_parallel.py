@@ -56,7 +56,10 @@ eval_batch = {"item_ids": eval_ids, "targets": eval_targets,
               "valid": np.ones(B, np.float32)}
 
 SETUPS = {"dp": (1, "data_parallel"), "vp": (2, "vocab_parallel")}
-LOSSES = ("full", "sampled_uniform", "sampled_popularity", "in_batch")
+# "full_chunked": the full softmax in 4 chunks of 16 rows (one chunk of
+# 64 otherwise).
+LOSSES = ("full", "full_chunked", "sampled_uniform", "sampled_popularity",
+          "in_batch")
 
 
 def shapes_in_hlo(text):
@@ -78,8 +81,10 @@ result = {}
 final_params = {}
 for loss in LOSSES:
   model = model_lib.Bert4RecModel(
-      config, loss=loss, num_negatives=16, max_predictions=4,
-      item_log_popularity=log_pop if loss == "sampled_popularity" else None)
+      config, loss=loss.replace("_chunked", ""), num_negatives=16,
+      max_predictions=4,
+      item_log_popularity=log_pop if loss == "sampled_popularity" else None,
+      loss_chunk_rows=16 if loss == "full_chunked" else None)
   # Adam's step lr * g / (|g| + eps) is ~ lr * g / eps for a gradient below
   # eps: with the default eps = 1e-8, an element whose gradient cancels to
   # ~3e-9 (the median is ~3e-5) turns float-rounding differences of ~1e-12
@@ -211,8 +216,8 @@ def test_table_bias_and_their_adam_state_are_split_over_model(result):
       assert shard == [PADDED_VOCAB, 16], (path, spec)
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled_uniform", "in_batch",
-                                  "sampled_popularity"])
+@pytest.mark.parametrize("loss", ["full", "full_chunked", "sampled_uniform",
+                                  "in_batch", "sampled_popularity"])
 def test_train_step_holds_no_full_vocab_dimension(result, loss):
   """Compiled per-device HLO: no array has a padded-vocab or catalogue-size
   axis, so no [batch, items] logits (nor the table) are gathered.
@@ -242,7 +247,7 @@ def test_eval_step_holds_no_full_vocab_dimension(result):
   assert any(PADDED_VOCAB in s for s in dp)
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled_uniform",
+@pytest.mark.parametrize("loss", ["full", "full_chunked", "sampled_uniform",
                                   "sampled_popularity", "in_batch"])
 def test_vocab_sharded_training_equals_replicated(result, loss):
   res, params = result
@@ -270,3 +275,15 @@ def test_sharded_evaluation_ranks_equal_unsharded_exactly(result):
   assert len(set(ranks.tolist())) > 4  # not a degenerate constant
   # Excluding history can only improve a rank.
   assert np.all(np.asarray(ref["ranks/full/True"]) <= ranks)
+
+
+def test_chunked_full_softmax_trains_as_one_chunk(result):
+  """4 chunks of 16 rows (a scan whose gradients are taken in the forward
+  pass) train to the same losses and parameters as one chunk of 64."""
+  res, params = result
+  for mesh in ("dp", "vp"):
+    np.testing.assert_allclose(res[f"full_chunked/{mesh}"]["losses"],
+                               res[f"full/{mesh}"]["losses"], rtol=2e-5)
+    for path, want in params[f"full/{mesh}"].items():
+      np.testing.assert_allclose(params[f"full_chunked/{mesh}"][path], want,
+                                 rtol=1e-4, atol=1e-6, err_msg=path)

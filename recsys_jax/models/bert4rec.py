@@ -210,8 +210,10 @@ class Bert4Rec(nn.Module):
     """The vector dotted with item embeddings: `[..., E] -> [..., E]`."""
     if not self.config.output_transform:
       return hidden
-    h = nn.gelu(self.transform_dense(hidden), approximate=False)
-    return self.transform_norm(h)
+    # A 2-D matmul: its weight gradient is fast on CPU (layers.matmul_2d).
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    h = layers.gelu(self.transform_dense(flat))
+    return self.transform_norm(h).reshape(hidden.shape)
 
   def logits(self, hidden: Array) -> Array:
     """Tied output `[..., E] -> [..., padded_vocab]` float32; non-items -1e9."""

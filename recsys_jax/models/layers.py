@@ -6,6 +6,7 @@ to ('batch', 'length', 'embed'); the constraints are no-ops unless logical
 axis rules and a mesh are in context. No mesh axes appear here.
 """
 
+import math
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -65,6 +66,33 @@ class Dropout(nn.Module):
     scale = DROPOUT_LEVELS / (DROPOUT_LEVELS - k)
     return jnp.where(draws >= k, x * jnp.asarray(scale, x.dtype),
                      jnp.zeros((), x.dtype))
+
+
+def gelu(x: Array) -> Array:
+  """Exact (erf) GELU, `x / 2 * (1 + erf(x / sqrt 2))`.
+
+  `jax.nn.gelu(approximate=False)` computes it through `erfc`, which XLA
+  expands to exponentials and selects; `erf` is one polynomial, ~3x faster
+  on CPU (a [12800, 256] forward: 1.4 ms against 4.1 ms). They differ by
+  < 5e-7 (absolute; the erfc form keeps more relative precision for x < -4,
+  where GELU is below 1e-4).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476,
+                                                       x.dtype)))
+
+
+def matmul_2d(x: Array, kernel: Array, dtype: DType) -> Array:
+  """`x [..., K] @ kernel [K, N]` as one 2-D matmul over the flattened rows.
+
+  A `dot_general` of `[B, L, K]` with `[K, N]` has a weight gradient that
+  contracts two dims (B and L); XLA:CPU runs that ~4x slower than the same
+  2-D matmul (an MLP layer of the benchmark's Bert4Rec, forward + backward:
+  95 ms against 23 ms, benchmarks/README.md). Reshapes that merge a sharded
+  leading dim with unsharded ones are free under SPMD.
+  """
+  lead = x.shape[:-1]
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype))
+  return y.reshape(lead + (kernel.shape[-1],))
 
 
 def logical(init: Initializer, axes: Tuple[Optional[str], ...]) -> Initializer:
@@ -135,8 +163,11 @@ class DenseGeneral(nn.Module):
                         in_shape + tuple(self.features), jnp.float32)
     bias = self.param("bias", logical(nn.initializers.zeros, self.bias_axes),
                       tuple(self.features), jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
-                      axes=self.num_in_axes)
+    lead = x.shape[:x.ndim - self.num_in_axes]
+    size = math.prod(in_shape)
+    y = matmul_2d(x.reshape(lead + (size,)), kernel.reshape(size, -1),
+                  self.dtype)
+    y = y.reshape(lead + tuple(self.features))
     return y + bias.astype(self.dtype)
 
 
@@ -197,17 +228,20 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-    features = x.shape[-1]
+    shape = x.shape
+    features = shape[-1]
+    x = x.reshape(-1, features)  # 2-D matmuls (see `matmul_2d`)
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=logical(self.kernel_init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.zeros, ("mlp",)),
                  name="wi")(x)
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=logical(self.kernel_init, ("mlp", "embed")),
-                    bias_init=logical(nn.initializers.zeros, ("embed",)),
-                    name="wo")(h)
+    y = nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=logical(self.kernel_init, ("mlp", "embed")),
+                 bias_init=logical(nn.initializers.zeros, ("embed",)),
+                 name="wo")(h)
+    return y.reshape(shape)
 
 
 class TransformerBlock(nn.Module):
