@@ -21,6 +21,10 @@ times `--steps` steps; figures are medians over windows. MFU = analytic
 FLOPs per step (`common.train_flops_per_step`) / step time / the float32
 matmul peak measured in the same process.
 
+`--num_microbatches=n` builds the step with gradient accumulation
+(`trainer.make_train_step(..., num_microbatches=n)`: the batch runs as n
+micro-batches of batch / n rows, one update); it is recorded in the JSON.
+
 `--smoke` runs tiny sizes in seconds.
 """
 
@@ -102,6 +106,11 @@ class Setup:
         attention_dropout_rate=sizes["dropout_rate"])
     self.model = model_lib.Bert4RecModel(config,
                                          max_predictions=self.max_predictions)
+    self.num_microbatches = args.num_microbatches
+    if sizes["batch_size"] % self.num_microbatches:
+      raise ValueError(
+          f"--num_microbatches={self.num_microbatches} must divide the batch "
+          f"size {sizes['batch_size']}")
     # The defaults of gin/runs/train.gin (AdamW, warm-up, clipping).
     opt = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
                                   weight_decay=0.01, clip_norm=5.0)
@@ -109,7 +118,9 @@ class Setup:
     self.state, shardings, _ = trainer.init_state(
         self.model, tx, jax.random.PRNGKey(0), mesh, rules)
     self.step = trainer.jit_train_step(
-        trainer.make_train_step(self.model, tx, schedule), shardings, mesh)
+        trainer.make_train_step(self.model, tx, schedule,
+                                num_microbatches=self.num_microbatches),
+        shardings, mesh)
     self.mesh, self.rules = mesh, rules
     self.rng = jax.random.PRNGKey(1)
     self.flops = common.train_flops_per_step(
@@ -199,6 +210,7 @@ def _summary(setup: Setup, windows: List[float], steps: int,
       "masked_dropped_fraction": counts["masked_dropped"] / max(
           counts["masked"], 1),
       "max_predictions": setup.max_predictions,
+      "num_microbatches": setup.num_microbatches,
       "gflop_per_step": setup.flops / 1e9,
       "achieved_gflops": achieved / 1e9,
       "compile_s": setup.compile_s,
@@ -236,6 +248,9 @@ def parse_args(argv=None):
                  help="padded rows (default ceil(0.2 * L) + 1 = 11)")
   p.add_argument("--packed_max_predictions", type=int, default=None,
                  help="packed rows hold several users' masks (default 2x)")
+  p.add_argument("--num_microbatches", type=int, default=1,
+                 help="gradient accumulation: micro-batches per step (must "
+                 "divide the batch size; 1 = none)")
   p.add_argument("--profile_dir", default=None,
                  help="trace 3 staged steps here and add a per-op breakdown")
   common.add_duel_flags(p, "recbole_peer.py")
@@ -250,7 +265,12 @@ def parse_args(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny, seconds")
   p.add_argument("--output", required=True)
   args = p.parse_args(argv)
+  if args.num_microbatches < 1:
+    p.error(f"--num_microbatches={args.num_microbatches}: expected >= 1")
   args.sizes = dict(SMOKE_SIZES if args.smoke else common.ISSUE_SIZES)
+  if args.sizes["batch_size"] % args.num_microbatches:
+    p.error(f"--num_microbatches={args.num_microbatches} must divide the "
+            f"batch size {args.sizes['batch_size']}")
   mp = args.max_predictions or preprocessors.default_max_predictions(
       args.sizes["mask_prob"], args.sizes["max_len"])
   args.max_predictions = mp
@@ -311,7 +331,9 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
       setup.state, shardings, _ = trainer.init_state(
           setup.model, tx, jax.random.PRNGKey(seed), mesh, rules)
       setup.step = trainer.jit_train_step(
-          trainer.make_train_step(setup.model, tx, schedule), shardings, mesh)
+          trainer.make_train_step(setup.model, tx, schedule,
+                                  num_microbatches=setup.num_microbatches),
+          shardings, mesh)
       setup.rng = jax.random.PRNGKey(1000 + seed)
       it = pipe.train_batches(0, batch)
       correct = weight = 0.0
@@ -346,6 +368,7 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
   return {
       "benchmark": "packing_quality", "data": data, "sizes": sizes,
       "epochs": args.quality_epochs, "seeds": args.quality_seeds,
+      "num_microbatches": args.num_microbatches,
       "users_per_packed_row": per_row, "arms": out_arms,
       "description": (
           f"{args.quality_epochs} epochs on {data['dataset']}, "
@@ -426,6 +449,7 @@ def duel(args, data: Dict[str, Any]) -> Dict[str, Any]:
         for w in windows), flush=True)
   return {"benchmark": "train_throughput_duel", "data": data,
           "sizes": sizes, "steps_per_window": args.steps,
+          "num_microbatches": args.num_microbatches,
           "eval_users": users, "duel": out}
 
 
@@ -434,7 +458,9 @@ def _print(mode: str, res: Dict[str, Any]) -> None:
         f"{res['sequences_per_s']:.0f} rows/s, "
         f"{res['users_per_s']:.0f} users/s, "
         f"{res['interactions_per_s']:.0f} interactions/s, "
-        f"MFU {100 * res['mfu']:.1f}%", flush=True)
+        f"MFU {100 * res['mfu']:.1f}%"
+        + (f", {res['num_microbatches']} micro-batches"
+           if res.get("num_microbatches", 1) > 1 else ""), flush=True)
 
 
 def main(argv=None):
@@ -467,7 +493,8 @@ def main(argv=None):
       "prng_impl": str(jax.config.jax_default_prng_impl),
       "data": data, "sizes": sizes, "devices": [str(d) for d in jax.devices()],
       "steps_per_window": args.steps, "repeats": args.repeats,
-      "warmup_steps": args.warmup_steps, "modes": {}}
+      "warmup_steps": args.warmup_steps,
+      "num_microbatches": args.num_microbatches, "modes": {}}
   peaks = [common.measure_matmul_peak(args.matmul_n)]
 
   for packed in (False, True):

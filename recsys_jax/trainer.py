@@ -105,13 +105,56 @@ def init_state(model, tx, rng, mesh, rules, init_batch_size: int = 2):
   return state, shardings, abstract
 
 
-def make_train_step(model, tx, schedule) -> Callable:
-  """The pure step `(state, batch, rng) -> (state, metrics)`."""
+def _check_num_microbatches(num_microbatches,
+                            name: str = "num_microbatches") -> int:
+  if (isinstance(num_microbatches, bool) or
+      not isinstance(num_microbatches, (int, np.integer)) or
+      num_microbatches < 1):
+    raise ValueError(f"{name}={num_microbatches!r}: expected an "
+                     "integer >= 1 (1: no gradient accumulation)")
+  return int(num_microbatches)
 
-  def train_step(state: TrainState, batch, rng):
-    step_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+
+def microbatch(batch, index, num_microbatches: int):
+  """Micro-batch `index` of `num_microbatches`: rows index, index + n, ...
+
+  Each array `[B, ...]` is reshaped to `[B // n, n, ...]` and index `index`
+  of axis 1 taken (`index` may be traced). The split is strided rather than
+  contiguous so that, when n divides the rows each device holds of a
+  data-sharded batch (B / data-axis size), every micro-batch takes its rows
+  from every device in place: device d's rows [d*B/D, (d+1)*B/D) are rows
+  [d*B/(D*n), (d+1)*B/(D*n)) of the `[B // n, n, ...]` view, so the view's
+  axis 0 keeps the batch's sharding and no rows move between devices.
+  """
+  n = num_microbatches
+
+  def take(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)
+
+  return jax.tree.map(take, batch)
+
+
+def make_train_step(model, tx, schedule, num_microbatches: int = 1
+                    ) -> Callable:
+  """The pure step `(state, batch, rng) -> (state, metrics)`.
+
+  `num_microbatches` = n > 1 accumulates gradients (as t5x does): the global
+  batch is split into n strided micro-batches (`microbatch`: rows i::n), run
+  one after another in a `lax.scan`, each with dropout rng
+  `fold_in(step_rng, i)`. Per micro-batch the gradient of the unnormalised
+  `loss_sum` is added to a float32 sum, with the `loss_sum`, `weight_sum`
+  and `correct_sum` metrics; the update uses grad_sum / max(weight_sum, 1)
+  over the whole batch, so it is the full-batch update (up to float
+  rounding) whenever the loss is a per-position sum over the rows: without
+  dropout, for loss='full' (a sampled loss draws other negatives per
+  micro-batch; the in-batch loss sees only its micro-batch's targets).
+  Peak activation memory is about that of a batch of B / n rows. The global
+  batch size B must be divisible by n (ValueError at trace time otherwise).
+  """
+  num_microbatches = _check_num_microbatches(num_microbatches)
+
+  def apply_gradients(state, grads, loss, aux):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -126,7 +169,51 @@ def make_train_step(model, tx, schedule) -> Callable:
                               opt_state=opt_state)
     return new_state, metrics
 
-  return train_step
+  if num_microbatches == 1:
+    def train_step(state: TrainState, batch, rng):
+      step_rng = jax.random.fold_in(rng, state.step)
+      grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+      (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+      return apply_gradients(state, grads, loss, aux)
+
+    return train_step
+
+  n = num_microbatches
+  sum_keys = ("loss_sum", "weight_sum", "correct_sum")
+
+  def loss_sum_fn(params, batch, dropout_rng):
+    _, aux = model.loss_fn(params, batch, dropout_rng)
+    return aux["loss_sum"], aux
+
+  grad_fn = jax.grad(loss_sum_fn, has_aux=True)
+
+  def accumulating_train_step(state: TrainState, batch, rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      if x.shape[0] % n:
+        raise ValueError(
+            f"num_microbatches={n} must divide the global batch size; "
+            f"batch{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+
+    def body(carry, i):
+      grad_sum, sums = carry
+      grads, aux = grad_fn(state.params, microbatch(batch, i, n),
+                           jax.random.fold_in(step_rng, i))
+      grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32),
+                              grad_sum, grads)
+      sums = {k: sums[k] + aux[k].astype(jnp.float32) for k in sum_keys}
+      return (grad_sum, sums), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                         state.params)
+    init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    (grad_sum, sums), _ = jax.lax.scan(body, init, jnp.arange(n))
+    denom = jnp.maximum(sums["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum,
+                         state.params)
+    return apply_gradients(state, grads, sums["loss_sum"] / denom, sums)
+
+  return accumulating_train_step
 
 
 def jit_train_step(train_step, state_shardings, mesh):
@@ -185,6 +272,16 @@ def _fmt_eta(seconds: float) -> str:
 
 @dataclasses.dataclass
 class TrainLoopConfig:
+  """Loop settings (gin: gin/runs/train.gin).
+
+  num_microbatches: gradient accumulation. n > 1 runs each step's global
+    batch (`batch_size` rows) as n micro-batches of batch_size / n rows
+    (rows i::n) and applies one update from their summed gradients, i.e.
+    the update of the whole batch for about the activation memory of one
+    micro-batch (see make_train_step). `batch_size` must be divisible by n;
+    keep batch_size / n divisible by the data-axis size of the mesh so
+    every micro-batch stays spread over all devices.
+  """
   train_steps: int
   batch_size: int
   log_every: int = 50
@@ -192,6 +289,37 @@ class TrainLoopConfig:
   keep_checkpoints: Optional[int] = 3
   eval_every: Optional[int] = None
   seed: int = 0
+  num_microbatches: int = 1
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """ValueError unless num_microbatches >= 1 divides batch_size."""
+    n = _check_num_microbatches(self.num_microbatches,
+                                "TrainLoopConfig.num_microbatches")
+    if self.batch_size % n:
+      raise ValueError(
+          f"TrainLoopConfig.num_microbatches={n} must divide "
+          f"TrainLoopConfig.batch_size={self.batch_size} (each step's "
+          "global batch is split into num_microbatches equal micro-batches)")
+
+
+def _check_microbatch_layout(cfg: TrainLoopConfig, mesh) -> None:
+  """Warns when micro-batches cannot stay on the devices holding their rows."""
+  n = cfg.num_microbatches
+  if n == 1:
+    return
+  data = int(dict(mesh.shape).get(partitioning.DATA_AXIS, 1))
+  if cfg.batch_size % (data * n):
+    msg = (f"TrainLoopConfig.num_microbatches={n} does not divide the "
+           f"{cfg.batch_size // data} rows per device of "
+           f"TrainLoopConfig.batch_size={cfg.batch_size} over the data axis "
+           f"({data}): each micro-batch is resharded every step (correct, "
+           "but slower)")
+    logging.warning(msg)
+    if jax.process_index() == 0:
+      print(f"Warning: {msg}", flush=True)
 
 
 def train_loop(
@@ -225,6 +353,7 @@ def train_loop(
   Returns:
     The final TrainState.
   """
+  cfg.validate()  # the fields may have been changed since construction
   tx, schedule = make_optimizer(optimizer, cfg.train_steps)
   rng = jax.random.PRNGKey(cfg.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -258,9 +387,11 @@ def train_loop(
           f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
           flush=True)
 
-  step_fn = jit_train_step(make_train_step(model, tx, schedule), shardings,
-                           mesh)
   local_bs = partitioning.local_batch_size(cfg.batch_size)
+  _check_microbatch_layout(cfg, mesh)
+  step_fn = jit_train_step(
+      make_train_step(model, tx, schedule,
+                      num_microbatches=cfg.num_microbatches), shardings, mesh)
 
   preempted = {"flag": False}
 

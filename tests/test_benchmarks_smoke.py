@@ -119,6 +119,23 @@ def test_train_throughput_smoke(smoke_data, tmp_path):
   assert res["machine"]["cpu_model"]
 
 
+def test_train_throughput_smoke_with_microbatches(smoke_data, tmp_path):
+  out = tmp_path / "train_mb.json"
+  train_throughput.main(["--smoke", "--data_dir", smoke_data,
+                         "--modes", "staged_padded", "--num_microbatches",
+                         "2", "--output", str(out)])
+  res = json.loads(out.read_text())
+  assert res["num_microbatches"] == 2
+  m = res["modes"]["staged_padded"]
+  assert m["num_microbatches"] == 2
+  assert m["step_time_s"] > 0
+  # The whole batch still counts as one step's rows.
+  assert m["rows_per_step"] == train_throughput.SMOKE_SIZES["batch_size"]
+  with pytest.raises(SystemExit):  # 8 rows do not split into 3
+    train_throughput.parse_args(["--smoke", "--num_microbatches=3",
+                                 "--output", str(out)])
+
+
 def test_eval_throughput_smoke(smoke_data, tmp_path):
   out = tmp_path / "eval.json"
   eval_throughput.main(["--smoke", "--data_dir", smoke_data,

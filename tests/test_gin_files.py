@@ -125,6 +125,8 @@ def test_gin_file_parses_finalizes_and_builds(rel, tiny_data, tmp_path):
     assert isinstance(optimizer, trainer.OptimizerConfig)
     assert loop.train_steps == 3
     assert loop.log_every >= 1 and loop.checkpoint_every >= 1
+    assert loop.num_microbatches >= 1
+    assert loop.batch_size % loop.num_microbatches == 0
     trainer.make_optimizer(optimizer, loop.train_steps)  # valid schedule
   else:
     assert args["checkpoint_step"] is None
@@ -142,6 +144,25 @@ def test_quickstart_data_yields_batches_the_model_accepts(tiny_data,
   for v in batch.values():
     assert v.shape == (4, 12)
   assert batch["item_ids"].max() <= args["model"].mask_id
+
+
+def test_num_microbatches_default_override_and_error(tiny_data, tmp_path):
+  macros = [f"DATA_DIR = '{tiny_data}'", f"MODEL_DIR = '{tmp_path}'",
+            "TRAIN_STEPS = 3", f"TASK_NAME = '{TEST_TASK}'"]
+  gin_utils.parse_gin(["runs/train.gin", "quickstart.gin"], macros)
+  loop = _build_run_arguments(runs.train)["loop"]
+  assert loop.num_microbatches == 1  # runs/train.gin: no accumulation
+  assert loop.batch_size == 64
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/train.gin", "quickstart.gin"],
+                      macros + ["trainer.TrainLoopConfig.num_microbatches = 4"])
+  assert _build_run_arguments(runs.train)["loop"].num_microbatches == 4
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/train.gin", "quickstart.gin"],
+                      macros + ["trainer.TrainLoopConfig.num_microbatches = 3"])
+  with pytest.raises(ValueError, match=r"TrainLoopConfig\.num_microbatches=3 "
+                     r"must divide TrainLoopConfig\.batch_size=64"):
+    _build_run_arguments(runs.train)
 
 
 def test_missing_macro_is_named_in_process():

@@ -3,7 +3,9 @@
 In-process tests drive `trainer.train_loop` with a least-squares fake model
 (the wrapper API of model_lib.py); the others run `python -m recsys_jax.train`
 on the tiny synthetic dataset and compare against one uninterrupted reference
-run (tests/helpers.py).
+run (tests/helpers.py). Gradient accumulation (`num_microbatches`) is
+compared with the whole-batch step on a tiny Bert4Rec, in process and on 8
+emulated devices.
 """
 
 import itertools
@@ -18,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recsys_jax import model_lib
 from recsys_jax import partitioning
 from recsys_jax import trainer
+from recsys_jax.models import bert4rec as bert4rec_lib
 from tests import helpers
 from tests.helpers import reference  # pylint: disable=unused-import
 from tests.helpers import tiny_data  # pylint: disable=unused-import
@@ -76,11 +80,13 @@ def _batches(*, nan_at=None, crash_at=None, sigterm_at=None, starts=None):
   return batches
 
 
-def _fake_train(model_dir, batches, *, steps=7, checkpoint_every=3):
+def _fake_train(model_dir, batches, *, steps=7, checkpoint_every=3,
+                num_microbatches=1):
   mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
   cfg = trainer.TrainLoopConfig(train_steps=steps, batch_size=_BATCH,
                                 log_every=1, checkpoint_every=checkpoint_every,
-                                keep_checkpoints=None)
+                                keep_checkpoints=None,
+                                num_microbatches=num_microbatches)
   opt = trainer.OptimizerConfig(learning_rate=0.05, warmup_steps=0,
                                 decay="constant")
   return trainer.train_loop(_LinearModel(), opt, batches, cfg,
@@ -363,3 +369,258 @@ def test_check_architecture_fields():
     checkpoints.check_architecture(dict(now, hidden=32), now, "ckpt")
   with pytest.raises(ValueError, match="old_field: saved 1, configured None"):
     checkpoints.check_architecture(dict(now, old_field=1), now, "ckpt")
+
+
+# -- gradient accumulation: num_microbatches -----------------------------------
+
+_MB_ROWS = 8        # the in-process batch; the sharded one has 32 rows
+_MB_EASY_ITEM = 7   # a target the initial state's output bias favours
+_MB_METRICS = ("loss", "loss_sum", "weight_sum", "correct_sum", "grad_norm")
+
+
+def accumulation_case(rows: int = _MB_ROWS):
+  """(model, tx, schedule, batch): a tiny Bert4Rec without dropout and a
+  batch whose micro-batches (rows i::n for n = 2 and 4) have different
+  weight sums and mean losses.
+
+  Row r masks its last 1 + r % 4 positions, so micro-batch i of 4 holds
+  (1 + i) * rows / 4 targets and the two of n = 2 hold 8 and 12 (rows = 8).
+  Every target of the even rows is `_MB_EASY_ITEM`, which
+  `favour_easy_item` makes likely: the even micro-batches have a far lower
+  mean loss than the odd ones, so averaging per-micro-batch means would be
+  visibly wrong. (Also used by the sharded script below.)
+  """
+  config = bert4rec_lib.Bert4RecConfig(
+      num_items=50, max_len=8, hidden=16, num_layers=1, num_heads=2,
+      mlp_dim=32, dropout_rate=0.0, attention_dropout_rate=0.0)
+  model = model_lib.Bert4RecModel(config, max_predictions=4)
+  length = config.max_len
+  gen = np.random.default_rng(0)
+  ids = gen.integers(1, config.num_items + 1, (rows, length)).astype(np.int32)
+  weights = np.zeros((rows, length), np.float32)
+  for r in range(rows):
+    weights[r, length - 1 - r % 4:] = 1.0
+  ids[::2] = np.where(weights[::2] > 0, _MB_EASY_ITEM, ids[::2])
+  ids[1, :2] = 0  # some padding
+  batch = {"item_ids": np.where(weights > 0, config.mask_id, ids).astype(
+               np.int32),
+           "targets": np.where(weights > 0, ids, 0).astype(np.int32),
+           "loss_weights": weights}
+  # eps = 1e-6 (not 1e-8): Adam's first step is ~lr * g / (|g| + eps), which
+  # turns float-rounding differences of a near-zero gradient element (the
+  # micro-batches sum in another order) into visible parameter differences.
+  tx, schedule = trainer.make_optimizer(
+      trainer.OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
+                              decay="constant", eps=1e-6), 10)
+  return model, tx, schedule, batch
+
+
+def favour_easy_item(state):
+  """The state with output bias 4 on `_MB_EASY_ITEM` (same sharding)."""
+  bias = state.params["output_bias"]
+  value = np.asarray(bias).copy()
+  value[_MB_EASY_ITEM] = 4.0
+  params = dict(state.params,
+                output_bias=jax.device_put(value, bias.sharding))
+  return state.replace(params=params)
+
+
+def test_microbatched_step_equals_whole_batch_step():
+  model, tx, schedule, batch = accumulation_case()
+  mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
+  rules = partitioning.get_rules("data_parallel")
+  state, _, _ = trainer.init_state(model, tx, jax.random.PRNGKey(0), mesh,
+                                   rules)
+  state = favour_easy_item(state)
+  rng = jax.random.PRNGKey(1)
+  out = {}
+  for n in (1, 2, 4):
+    step = jax.jit(trainer.make_train_step(model, tx, schedule,
+                                           num_microbatches=n))
+    new_state, metrics = step(state, batch, rng)
+    out[n] = (helpers.flat(new_state.params), jax.device_get(metrics),
+              int(new_state.step))
+  params1, metrics1, step1 = out[1]
+  assert step1 == 1
+  assert metrics1["correct_sum"] > 0  # the easy targets are found
+  loss_fn = jax.jit(model.loss_fn)
+  for n in (2, 4):
+    params, metrics, step = out[n]
+    assert step == 1 and set(metrics) == set(metrics1)
+    for k in _MB_METRICS:
+      np.testing.assert_allclose(metrics[k], metrics1[k], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"n={n} {k}")
+    assert metrics["learning_rate"] == metrics1["learning_rate"]
+    assert params.keys() == params1.keys()
+    for leaf in params1:
+      np.testing.assert_allclose(params[leaf], params1[leaf], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"n={n} {leaf}")
+    # The test can fail: the micro-batches differ in weight sum, and the
+    # mean of their mean losses is not the batch's loss.
+    per = [loss_fn(state.params, trainer.microbatch(batch, i, n), None)
+           for i in range(n)]
+    weight_sums = [float(aux["weight_sum"]) for _, aux in per]
+    assert len(set(weight_sums)) == n, weight_sums
+    assert sum(weight_sums) == metrics1["weight_sum"]
+    naive = float(np.mean([float(loss) for loss, _ in per]))
+    assert abs(naive - metrics1["loss"]) > 0.05 * metrics1["loss"], (
+        n, naive, metrics1["loss"])
+  # Training moved the parameters: the equality is not of untouched values.
+  before = helpers.flat(state.params)
+  assert max(np.abs(params1[k] - before[k]).max() for k in before) > 1e-3
+
+
+def test_microbatch_takes_strided_rows():
+  batch = {"x": np.arange(12).reshape(6, 2), "y": np.arange(6)}
+  mb = trainer.microbatch(batch, 1, 3)
+  np.testing.assert_array_equal(mb["x"], [[2, 3], [8, 9]])
+  np.testing.assert_array_equal(mb["y"], [1, 4])
+  # A traced index (as in the step's scan) takes the same rows.
+  traced = jax.jit(lambda b, i: trainer.microbatch(b, i, 3))(batch, 1)
+  np.testing.assert_array_equal(traced["y"], [1, 4])
+
+
+def test_num_microbatches_errors_name_the_setting(tmp_path):
+  with pytest.raises(ValueError, match=r"TrainLoopConfig\.num_microbatches=3 "
+                     r"must divide TrainLoopConfig\.batch_size=16"):
+    trainer.TrainLoopConfig(train_steps=1, batch_size=16, num_microbatches=3)
+  for bad in (0, -2, 1.5):
+    with pytest.raises(ValueError,
+                       match=r"TrainLoopConfig\.num_microbatches=.*>= 1"):
+      trainer.TrainLoopConfig(train_steps=1, batch_size=16,
+                              num_microbatches=bad)
+  # Checked again by train_loop (the dataclass is mutable), before any work.
+  cfg = trainer.TrainLoopConfig(train_steps=1, batch_size=_BATCH)
+  cfg.num_microbatches = 3
+  mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"TrainLoopConfig\.num_microbatches=3 "
+                     r"must divide TrainLoopConfig\.batch_size=4"):
+    trainer.train_loop(_LinearModel(), trainer.OptimizerConfig(), _batches(),
+                       cfg, model_dir=str(tmp_path), mesh=mesh,
+                       rules=partitioning.get_rules("data_parallel"))
+  assert not os.listdir(tmp_path)
+  # The step itself: n >= 1, and n must divide the rows it is given.
+  tx, schedule = trainer.make_optimizer(trainer.OptimizerConfig(), 1)
+  with pytest.raises(ValueError, match=r"num_microbatches=0: expected"):
+    trainer.make_train_step(_LinearModel(), tx, schedule, num_microbatches=0)
+  model = _LinearModel()
+  params = model.get_initial_variables(jax.random.PRNGKey(0))["params"]
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params))
+  step = trainer.make_train_step(model, tx, schedule, num_microbatches=3)
+  batch = next(_batches()(0))
+  with pytest.raises(ValueError, match=r"num_microbatches=3 must divide the "
+                     r"global batch size; batch\['x'\] has 4 rows"):
+    jax.jit(step)(state, batch, jax.random.PRNGKey(0))
+
+
+def test_train_loop_passes_num_microbatches(tmp_path, uninterrupted,
+                                            monkeypatch):
+  built = []
+  make = trainer.make_train_step
+
+  def recording(*args, **kwargs):
+    built.append(kwargs.get("num_microbatches", 1))
+    return make(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "make_train_step", recording)
+  state = _fake_train(tmp_path, _batches(), num_microbatches=2)
+  assert built == [2]
+  assert int(state.step) == 7
+  # The fake model's loss is a sum over rows: the same training, up to
+  # float rounding.
+  got = helpers.flat(helpers.restore_state(tmp_path, 7))
+  want = helpers.flat(helpers.restore_state(uninterrupted, 7))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+
+
+_MICROBATCH_SHARDED_SCRIPT = r"""
+# n = 1 on one device vs n > 1 on 8 emulated devices; writes the results.
+import json
+import re
+import sys
+
+import jax
+
+from recsys_jax import partitioning
+from recsys_jax import trainer
+from tests import helpers
+from tests.test_trainer import accumulation_case, favour_easy_item
+
+out_path = sys.argv[1]
+assert jax.device_count() == 8, jax.devices()
+model, tx, schedule, batch = accumulation_case(rows=32)
+rng = jax.random.PRNGKey(1)
+# (name, model parallelism (0: one device), rules, n). data8 with n = 8
+# leaves 4 rows per micro-batch for 8 devices: those must be resharded.
+RUNS = [("single", 0, "data_parallel", 1), ("data8", 1, "data_parallel", 2),
+        ("data8", 1, "data_parallel", 4), ("data8", 1, "data_parallel", 8),
+        ("data4_model2", 2, "vocab_parallel", 4)]
+result = {}
+for name, mp, rules_name, n in RUNS:
+  mesh = (partitioning.make_mesh(1, devices=jax.devices()[:1]) if mp == 0
+          else partitioning.make_mesh(mp))
+  rules = partitioning.get_rules(rules_name)
+  state, shardings, _ = trainer.init_state(model, tx, jax.random.PRNGKey(0),
+                                           mesh, rules)
+  state = favour_easy_item(state)
+  step_fn = trainer.jit_train_step(
+      trainer.make_train_step(model, tx, schedule, num_microbatches=n),
+      shardings, mesh)
+  global_batch = partitioning.host_to_global(batch, mesh)
+  with partitioning.with_rules(rules, mesh):
+    compiled = step_fn.lower(state, global_batch, rng).compile()
+    new_state, metrics = compiled(state, global_batch, rng)
+  # Arrays that collectives move between devices (reductions aside).
+  moved = sorted(set(re.findall(
+      r"= (\S+) (?:all-gather|all-to-all|collective-permute)(?:-start)?\(",
+      compiled.as_text())))
+  result[f"{name}/{n}"] = {
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},
+      "params": {k: v.tolist()
+                 for k, v in helpers.flat(new_state.params).items()},
+      "params_sharding_equal": all(
+          a.sharding == b for a, b in zip(jax.tree.leaves(new_state.params),
+                                          jax.tree.leaves(shardings.params))),
+      "moved": moved,
+  }
+with open(out_path, "w") as f:
+  json.dump(result, f)
+"""
+
+
+def test_microbatched_sharded_step_equals_single_device(tmp_path):
+  out = tmp_path / "result.json"
+  env = helpers.subprocess_env(xla_devices=8)
+  # LLVM optimisation only changes host code; off, compiles are much faster.
+  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+  helpers.run_script(_MICROBATCH_SHARDED_SCRIPT, [str(out)], env=env,
+                     timeout=600).check()
+  res = json.loads(out.read_text())
+  single = res["single/1"]
+  assert single["mesh"] == {"data": 1, "model": 1}
+  assert res["data8/2"]["mesh"] == {"data": 8, "model": 1}
+  assert res["data4_model2/4"]["mesh"] == {"data": 4, "model": 2}
+  for key in ("data8/2", "data8/4", "data8/8", "data4_model2/4"):
+    run = res[key]
+    assert run["params_sharding_equal"], key
+    for k in _MB_METRICS:
+      np.testing.assert_allclose(run["metrics"][k], single["metrics"][k],
+                                 rtol=1e-5, atol=1e-6, err_msg=f"{key} {k}")
+    assert run["params"].keys() == single["params"].keys()
+    for leaf, want in single["params"].items():
+      np.testing.assert_allclose(run["params"][leaf], want, rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{key} {leaf}")
+  # Strided micro-batches stay where their rows are: when n divides the 4
+  # rows per device, no int32 batch array (item ids, targets) is gathered
+  # or permuted between devices; with n = 8 (4 rows per micro-batch for 8
+  # devices) they must move, which shows the check can fail.
+  def moves_ids(run):
+    return [s for s in run["moved"] if s.startswith("s32[")]
+  assert not moves_ids(res["data8/2"]), res["data8/2"]["moved"]
+  assert not moves_ids(res["data8/4"]), res["data8/4"]["moved"]
+  assert moves_ids(res["data8/8"]), res["data8/8"]["moved"]
