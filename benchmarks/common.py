@@ -600,6 +600,10 @@ def summarize(results_dir: str = RESULTS_DIR,
               out_path: Optional[str] = None) -> str:
   """Builds RESULTS.md from the round files train_*/eval_*/recbole_*.json."""
   ours_train = _rounds(results_dir, "train_throughput_round")
+  # Gradient accumulation (--num_microbatches > 1), staged modes only.
+  ours_train_mb = _rounds(results_dir, "train_throughput_mb_round")
+  # Pinned to one core (taskset), peak measured there too: one file each.
+  ours_train_1core = _rounds(results_dir, "train_throughput_1core_")
   ours_eval = _rounds(results_dir, "eval_throughput_round")
   rb_train = _rounds(results_dir, "recbole_round")
   rb_eval = [r for r in rb_train if "users_per_s" in r]
@@ -649,8 +653,11 @@ def summarize(results_dir: str = RESULTS_DIR,
                 "on 2 cores). Rerun `bash benchmarks/run_all.sh` on a quiet "
                 "machine.**", ""]
 
-  def ours(mode, key):
-    return _median_over_rounds(ours_train, "modes", mode, key)
+  def ours(mode, key, results=None):
+    return _median_over_rounds(ours_train if results is None else results,
+                               "modes", mode, key)
+
+  n_mb = (ours_train_mb or [{}])[0].get("num_microbatches")
 
   peak = _median_over_rounds(ours_train, "matmul_peak", "best_gflops")
   rb_seq = _median_over_rounds(rb_train, "trainer", "sequences_per_s")
@@ -675,6 +682,11 @@ def summarize(results_dir: str = RESULTS_DIR,
   row("train, padded, pre-staged batches: sequences/s",
       ours("staged_padded", "sequences_per_s"), rb_staged_seq,
       "train_padded_seq_per_s")
+  if ours_train_mb:
+    row(f"train, padded, pre-staged, {n_mb} micro-batches of the same "
+        "256-row batch (one update): sequences/s",
+        ours("staged_padded", "sequences_per_s", ours_train_mb),
+        rb_staged_seq, "train_padded_seq_per_s")
   row("train, padded, through the input pipeline: sequences/s",
       ours("pipeline_padded", "sequences_per_s"), rb_seq,
       "train_padded_seq_per_s")
@@ -710,19 +722,28 @@ def summarize(results_dir: str = RESULTS_DIR,
 
   if ours_train:
     mrows = []
-    for mode in ("staged_padded", "staged_packed", "pipeline_padded",
-                 "pipeline_packed"):
-      if ours(mode, "step_time_s") is None:
+    arms = [(m, m, ours_train) for m in (
+        "staged_padded", "staged_packed", "pipeline_padded",
+        "pipeline_packed")]
+    arms += [(m, f"{m}, {n_mb} micro-batches", ours_train_mb)
+             for m in ("staged_padded", "staged_packed") if ours_train_mb]
+    for r in ours_train_1core:
+      n = r.get("num_microbatches", 1)
+      arms += [(m, f"{m}, one core (taskset), "
+                f"{n} micro-batch{'es' if n > 1 else ''}", [r])
+               for m in ("staged_padded", "staged_packed")]
+    for mode, label, res in arms:
+      if ours(mode, "step_time_s", res) is None:
         continue
-      mfu = ours(mode, "mfu")
+      mfu = ours(mode, "mfu", res)
       mrows.append(
-          f"| {mode} | {_fmt(ours(mode, 'step_time_s'), 3)} | "
-          f"{_fmt(ours(mode, 'sequences_per_s'))} | "
-          f"{_fmt(ours(mode, 'users_per_s'))} | "
-          f"{_fmt(ours(mode, 'interactions_per_s'))} | "
-          f"{_fmt(ours(mode, 'tokens_per_s'))} | "
-          f"{_fmt(ours(mode, 'gflop_per_step'), 1)} | "
-          f"{_fmt(ours(mode, 'achieved_gflops'), 1)} | "
+          f"| {label} | {_fmt(ours(mode, 'step_time_s', res), 3)} | "
+          f"{_fmt(ours(mode, 'sequences_per_s', res))} | "
+          f"{_fmt(ours(mode, 'users_per_s', res))} | "
+          f"{_fmt(ours(mode, 'interactions_per_s', res))} | "
+          f"{_fmt(ours(mode, 'tokens_per_s', res))} | "
+          f"{_fmt(ours(mode, 'gflop_per_step', res), 1)} | "
+          f"{_fmt(ours(mode, 'achieved_gflops', res), 1)} | "
           f"{_fmt(None if mfu is None else 100 * mfu, 1)}% |")
     lines += ["## Our training throughput and MFU", "",
               f"Matmul peak measured in the same run (float32 `jnp.dot`, "
@@ -731,11 +752,19 @@ def summarize(results_dir: str = RESULTS_DIR,
               "| mode | s/step | rows/s | users/s | real interactions/s | "
               "tokens/s (rows x L) | GFLOP/step | GFLOP/s | MFU |",
               "|---|---|---|---|---|---|---|---|---|"] + mrows + [""]
-    best_mfu = max((ours(m, "mfu") or 0.0) for m in
-                   ("staged_padded", "staged_packed"))
+    verdicts = []
+    for one_core in (False, True):
+      best_mfu, best_arm = max(
+          ((ours(m, "mfu", res) or 0.0, label) for m, label, res in arms
+           if m.startswith("staged") and ("one core" in label) == one_core),
+          default=(None, ""))
+      if best_mfu is not None:
+        verdicts.append(
+            f"{'met' if best_mfu >= MFU_TARGET else 'NOT met'} "
+            f"{'pinned to one core' if one_core else 'on all cores'} (best "
+            f"{100 * best_mfu:.1f}%, {best_arm})")
     lines += [f"MFU target (>= {int(MFU_TARGET * 100)}% of the matmul peak):"
-              f" {'met' if best_mfu >= MFU_TARGET else 'NOT met'} (best "
-              f"{100 * best_mfu:.1f}%).", ""]
+              f" {'; '.join(verdicts)}.", ""]
   eval_modes = [m for m in ("cached", "pipeline", "staged", "staged_padded")
                 if _median_over_rounds(ours_eval, "modes", m, "users_per_s")
                 is not None]
@@ -776,7 +805,9 @@ def summarize(results_dir: str = RESULTS_DIR,
   ours_quality = _rounds(results_dir, "ours_quality_")
   rb_quality = _rounds(results_dir, "recbole_quality_")
   lines += _quality_section(ours_quality, rb_quality)
-  timed = sorted(ours_train + rb_train + ours_eval + ours_quality + rb_quality,
+  timed = sorted(ours_train + ours_train_mb + ours_train_1core + rb_train
+                 + ours_eval
+                 + ours_quality + rb_quality,
                  key=lambda r: r.get("machine", {}).get("date_utc", ""))
   commands = [r["machine"]["command"] for r in timed
               if r.get("machine", {}).get("command")]

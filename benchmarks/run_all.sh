@@ -17,7 +17,9 @@
 # BERT4Rec for that many training seconds each, test NDCG@10 / HR@10 along
 # the way: the RecBole side of the time-to-quality comparison; 2700 takes
 # ~1 h 40 min), RECBOLE_VENV (RecBole's own virtualenv, created on first use),
-# LOAD_MAX (default 1.0).
+# LOAD_MAX (default 1.0), NUM_MICROBATCHES (the staged modes once more with
+# this many gradient-accumulation micro-batches per 256-row step, default 4;
+# 1 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,6 +35,7 @@ QUALITY_EPOCHS="${QUALITY_EPOCHS:-0}"
 RECBOLE_QUALITY_BUDGET_S="${RECBOLE_QUALITY_BUDGET_S:-0}"
 RECBOLE_VENV="${RECBOLE_VENV:-$HOME/.cache/recsys_jax/recbole-venv}"
 LOAD_MAX="${LOAD_MAX:-1.0}"
+NUM_MICROBATCHES="${NUM_MICROBATCHES:-4}"
 RESULTS=benchmarks/results
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 CUDA_VISIBLE_DEVICES=""
 START=$SECONDS
@@ -65,6 +68,16 @@ ours_train() {
     --data_dir="$DATA_DIR" --steps="$TRAIN_STEPS" --repeats="$TRAIN_REPEATS" \
     --output="$RESULTS/train_throughput_round$1.json"
 }
+ours_train_mb() {  # the staged modes again with gradient accumulation
+  if (( NUM_MICROBATCHES > 1 )); then
+    step "ours train, $NUM_MICROBATCHES micro-batches, round $1" \
+      "$PYTHON" -m benchmarks.train_throughput --data_dir="$DATA_DIR" \
+      --modes=staged_padded,staged_packed \
+      --num_microbatches="$NUM_MICROBATCHES" --steps="$TRAIN_STEPS" \
+      --repeats="$TRAIN_REPEATS" \
+      --output="$RESULTS/train_throughput_mb_round$1.json"
+  fi
+}
 ours_eval() {
   step "ours eval, round $1" "$PYTHON" -m benchmarks.eval_throughput \
     --data_dir="$DATA_DIR" --output="$RESULTS/eval_throughput_round$1.json"
@@ -84,9 +97,9 @@ for r in $(seq 1 "$ROUNDS"); do
   # Odd rounds: ours, RecBole, ours; even rounds the mirror image, so a
   # drifting machine load falls on both sides alike.
   if (( r % 2 )); then
-    ours_train "$r"; recbole "$r"; ours_eval "$r"
+    ours_train "$r"; ours_train_mb "$r"; recbole "$r"; ours_eval "$r"
   else
-    ours_eval "$r"; recbole "$r"; ours_train "$r"
+    ours_eval "$r"; recbole "$r"; ours_train_mb "$r"; ours_train "$r"
   fi
 done
 

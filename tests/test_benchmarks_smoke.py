@@ -201,7 +201,20 @@ def test_summarize_ratios_and_targets(tmp_path):
   assert "| 4,000 | 1,000 | 4.00x |" in text
   # evaluation 250 vs 100 = 2.5x < 3x.
   assert "| 250 | 100 | 2.50x | >= 3x RecBole users/s: NOT met |" in text
-  assert "MFU target (>= 50% of the matmul peak): NOT met" in text
+  assert "MFU target (>= 50% of the matmul peak): NOT met on all cores" in text
+  assert "micro-batches" not in text
+
+  # Micro-batched staged rounds get their own rows and count for the MFU.
+  for r in (1, 2):
+    _fake(res / f"train_throughput_mb_round{r}.json",
+          {"num_microbatches": 4,
+           "modes": {"staged_padded": dict(mode, step_time_s=0.8, mfu=0.52)},
+           "matmul_peak": {"best_gflops": 50.0}})
+  text = open(common.summarize(str(res), str(tmp_path / "RESULTS.md"))).read()
+  assert "| staged_padded, 4 micro-batches | 0.800 |" in text
+  assert "| staged_padded | 1.000 |" in text
+  assert ("MFU target (>= 50% of the matmul peak): met on all cores (best "
+          "52.0%, staged_padded, 4 micro-batches).") in text
 
 
 def test_summarize_head_change_record_and_quality(tmp_path):

@@ -60,6 +60,10 @@ def test_config_vocab_padding_and_validation():
     bert4rec.Bert4RecConfig(num_items=0)
   with pytest.raises(ValueError, match="dtype"):
     bert4rec.Bert4RecConfig(num_items=5, dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"Bert4RecConfig\.dropout_rate=1\.0"):
+    bert4rec.Bert4RecConfig(num_items=5, dropout_rate=1.0)
+  with pytest.raises(ValueError, match="attention_dropout_rate=-0.1"):
+    bert4rec.Bert4RecConfig(num_items=5, attention_dropout_rate=-0.1)
 
 
 def test_every_parameter_has_logical_axes(params):

@@ -78,6 +78,10 @@ class Bert4RecConfig:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"Bert4RecConfig.{name}={getattr(self, name)!r}: "
                          "expected a positive integer")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= float(getattr(self, name)) < 1.0:
+        raise ValueError(f"Bert4RecConfig.{name}={getattr(self, name)!r}: "
+                         "expected 0 <= rate < 1")
     if self.hidden % self.num_heads:
       raise ValueError(f"Bert4RecConfig.hidden={self.hidden} must be divisible"
                        f" by num_heads={self.num_heads}")
