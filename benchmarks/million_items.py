@@ -177,6 +177,7 @@ def run_loss(args, data, loss: str, steps: int) -> dict:
       "loss": loss,
       "num_negatives": model.num_negatives,
       "max_predictions": model.max_predictions,
+      "loss_chunk_rows": model.loss_chunk_rows,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "padded_vocab": vocab,
       "init_s": round(init_s, 2),
@@ -299,10 +300,24 @@ def results_section(payload: dict) -> str:
     p = runs["full"]["max_predictions"]
     logits = payload["batch_size"] * p * v * 4
     diff = (runs["full"]["peak_rss_mib"] - other["peak_rss_mib"]) * 2**20
-    rss += (f" The full softmax's logits at the masked positions are "
-            f"[{payload['batch_size']}, {p}, {v:,}] float32 = {_mb(logits)}"
-            f" per step (plus their gradient, unless XLA fuses it away); its "
-            f"peak is {diff / 1e9:.1f} GB above {other['loss']}'s.")
+    chunk_rows = runs["full"].get("loss_chunk_rows")
+    if "loss_chunk_rows" not in runs["full"]:  # before the fused loss
+      rss += (f" The full softmax's logits at the masked positions are "
+              f"[{payload['batch_size']}, {p}, {v:,}] float32 = "
+              f"{_mb(logits)} per step (plus their gradient, unless XLA "
+              "fuses it away);")
+    else:
+      from recsys_jax import losses  # pylint: disable=g-import-not-at-top
+      rows = payload["batch_size"] * p
+      chunk = rows // losses.loss_chunks(rows, chunk_rows)
+      rss += (f" The full softmax's logits at the masked positions would be"
+              f" [{payload['batch_size']}, {p}, {v:,}] float32 = "
+              f"{_mb(logits)}; the fused loss "
+              "(`losses.tied_softmax_cross_entropy`, `loss_chunk_rows`="
+              f"{chunk_rows}) holds [{chunk}, {v:,}] = "
+              f"{_mb(chunk * v * 4)} at a time (split over the model axis) "
+              "and keeps none for the backward pass;")
+    rss += f" its peak is {diff / 1e9:.1f} GB above {other['loss']}'s."
   lines += [rss, ""]
   if payload["num_users"] < payload["num_items"]:
     lines += [f"Users: {payload['num_users']:,} rather than "

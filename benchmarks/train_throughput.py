@@ -104,13 +104,10 @@ class Setup:
         num_layers=sizes["num_layers"], num_heads=sizes["num_heads"],
         mlp_dim=sizes["mlp_dim"], dropout_rate=sizes["dropout_rate"],
         attention_dropout_rate=sizes["dropout_rate"])
-    self.model = model_lib.Bert4RecModel(config,
-                                         max_predictions=self.max_predictions)
-    self.num_microbatches = args.num_microbatches
-    if sizes["batch_size"] % self.num_microbatches:
-      raise ValueError(
-          f"--num_microbatches={self.num_microbatches} must divide the batch "
-          f"size {sizes['batch_size']}")
+    self.model = model_lib.Bert4RecModel(
+        config, max_predictions=self.max_predictions,
+        loss_chunk_rows=args.loss_chunk_rows or None)
+    self.num_microbatches = args.num_microbatches  # checked by parse_args
     # The defaults of gin/runs/train.gin (AdamW, warm-up, clipping).
     opt = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
                                   weight_decay=0.01, clip_norm=5.0)
@@ -248,6 +245,10 @@ def parse_args(argv=None):
                  help="padded rows (default ceil(0.2 * L) + 1 = 11)")
   p.add_argument("--packed_max_predictions", type=int, default=None,
                  help="packed rows hold several users' masks (default 2x)")
+  p.add_argument("--loss_chunk_rows", type=int,
+                 default=model_lib.DEFAULT_LOSS_CHUNK_ROWS,
+                 help="rows per chunk of the fused full-softmax loss (0: one "
+                 "chunk)")
   p.add_argument("--num_microbatches", type=int, default=1,
                  help="gradient accumulation: micro-batches per step (must "
                  "divide the batch size; 1 = none)")
@@ -494,7 +495,8 @@ def main(argv=None):
       "data": data, "sizes": sizes, "devices": [str(d) for d in jax.devices()],
       "steps_per_window": args.steps, "repeats": args.repeats,
       "warmup_steps": args.warmup_steps,
-      "num_microbatches": args.num_microbatches, "modes": {}}
+      "num_microbatches": args.num_microbatches,
+      "loss_chunk_rows": args.loss_chunk_rows, "modes": {}}
   peaks = [common.measure_matmul_peak(args.matmul_n)]
 
   for packed in (False, True):
