@@ -258,9 +258,13 @@ def test_vocab_sharded_training_equals_replicated(result, loss):
   for key in runs:
     np.testing.assert_allclose(res[key]["losses"], ref["losses"], rtol=2e-5,
                                err_msg=key)
+    # atol 1e-5 against parameter updates of ~lr x steps = 2e-2: Adam
+    # turns another summation order's ~1e-12 into up to ~5e-6 on the odd
+    # element whose gradient nearly cancels (seen: 1 of 256 output-transform
+    # kernel elements once its matmul became 2-D, layers.matmul_2d).
     for path, want in params[f"{loss}/dp"].items():
       np.testing.assert_allclose(params[key][path], want, rtol=1e-4,
-                                 atol=1e-6, err_msg=f"{key} {path}")
+                                 atol=1e-5, err_msg=f"{key} {path}")
 
 
 def test_sharded_evaluation_ranks_equal_unsharded_exactly(result):
