@@ -139,11 +139,11 @@ def _fused_ce(z_loss, n, constrain, with_grad, query, table, targets,
 
   def grad_body(d_table_t, x):
     loss, correct, (d_query, dt) = _ce_chunk(*x, *args)
-    return (constrain(d_table_t + dt, ("embed", "vocab")),
+    return (constrain(d_table_t + dt, (None, "vocab")),
             (loss, correct, d_query))
 
   init = constrain(jnp.zeros(table.shape[::-1], jnp.float32),
-                   ("embed", "vocab"))
+                   (None, "vocab"))
   d_table_t, (loss, correct, d_query) = jax.lax.scan(grad_body, init, xs)
   return (_from_chunks(loss), _from_chunks(correct),
           (_from_chunks(d_query), d_table_t.T))
@@ -206,9 +206,10 @@ def tied_softmax_cross_entropy(
     weights: `[M]` loss weights.
     z_loss: coefficient of `logsumexp**2`.
     constrain: `constrain(x, logical_axes)`, applied to each chunk's
-      `[c, V]` logits and gradient (`('batch', 'vocab')`) and to the table
-      and bias gradient accumulators (`('embed', 'vocab')`, `('vocab',)`),
-      e.g. a logical sharding constraint; None for none.
+      `[c, V]` logits and gradient (`('batch', 'vocab')`) and to the
+      `[E + 1, V]` table-and-bias gradient accumulator (`(None, 'vocab')`:
+      E + 1 is never split), e.g. a logical sharding constraint; None for
+      none.
     chunk_rows: rows per chunk (None: all rows in one).
 
   Returns:
