@@ -300,7 +300,6 @@ def results_section(payload: dict) -> str:
     p = runs["full"]["max_predictions"]
     logits = payload["batch_size"] * p * v * 4
     diff = (runs["full"]["peak_rss_mib"] - other["peak_rss_mib"]) * 2**20
-    chunk_rows = runs["full"].get("loss_chunk_rows")
     if "loss_chunk_rows" not in runs["full"]:  # before the fused loss
       rss += (f" The full softmax's logits at the masked positions are "
               f"[{payload['batch_size']}, {p}, {v:,}] float32 = "
@@ -308,6 +307,7 @@ def results_section(payload: dict) -> str:
               "fuses it away);")
     else:
       from recsys_jax import losses  # pylint: disable=g-import-not-at-top
+      chunk_rows = runs["full"]["loss_chunk_rows"]
       rows = payload["batch_size"] * p
       chunk = rows // losses.loss_chunks(rows, chunk_rows)
       rss += (f" The full softmax's logits at the masked positions would be"

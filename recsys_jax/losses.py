@@ -194,8 +194,9 @@ def tied_softmax_cross_entropy(
   whatever the number of rows, and on CPU the chunk's matmuls and softmax
   run from cache instead of memory (docs: benchmarks/README.md). The bias
   is an extra table column against a constant-1 query column (its add and
-  gradient ride on the matmuls); the target logit is a `[M, E]` gather; `correct` compares it with the row max (ties,
-  up to float rounding, count as correct). `chunk_rows=None` is one chunk.
+  gradient ride on the matmuls); the target logit is a `[M, E]` gather;
+  `correct` compares it with the row max (ties, up to float rounding, count
+  as correct). `chunk_rows=None` is one chunk.
 
   Args:
     query: `[M, E]` output queries.
