@@ -104,14 +104,15 @@ def test_make_attention_mask_by_hand():
   np.testing.assert_array_equal(no_seg, np.outer(valid[0], valid[0]))
 
 
-def test_attention_matches_numpy_einsum():
+@pytest.mark.parametrize("per_head", [True, False])
+def test_attention_matches_numpy_einsum(per_head):
   b, l, e, h = 2, 5, 8, 2
   d = e // h
   x = np.random.default_rng(0).normal(size=(b, l, e)).astype(np.float32)
   valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
   seg = np.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
   mask = layers.make_attention_mask(valid, seg)
-  attn = layers.MultiHeadSelfAttention(num_heads=h)
+  attn = layers.MultiHeadSelfAttention(num_heads=h, per_head=per_head)
   variables = jitted(attn, "init")(jax.random.PRNGKey(1), x, mask)
   # Random biases so they are exercised by the comparison.
   p = nn.meta.unbox(variables["params"])
@@ -139,6 +140,54 @@ def test_attention_matches_numpy_einsum():
   out2 = np.asarray(attn_apply({"params": p}, x2, mask))
   np.testing.assert_allclose(out2[1, :2], out[1, :2], rtol=1e-6, atol=1e-6)
   assert np.abs(out2[1, 2:4] - out[1, 2:4]).max() > 1e-3
+
+
+def test_attention_layouts_agree_in_value_and_gradient():
+  """Per-head and heads-batched layouts: same parameters, same outputs and
+  gradients (of the parameters and the input)."""
+  b, l, e, h = 3, 6, 12, 3
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(b, l, e)).astype(np.float32)
+  valid = np.arange(l)[None] < np.array([[6], [2], [4]])
+  mask = layers.make_attention_mask(valid, causal=True)
+  per = layers.MultiHeadSelfAttention(num_heads=h, per_head=True)
+  batched = layers.MultiHeadSelfAttention(num_heads=h, per_head=False)
+  params = nn.meta.unbox(per.init(jax.random.PRNGKey(0), x, mask))
+  params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape), params)
+
+  def grads(module):
+    def loss(p, x):
+      return jnp.sum(jnp.sin(module.apply(p, x, mask)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  (v1, g1), (v2, g2) = grads(per), grads(batched)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_layout_follows_head_sharding():
+  """per_head=None: per head unless the logical rules shard 'heads'."""
+  from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((2, 4, 8))
+  attn = layers.MultiHeadSelfAttention(num_heads=2)
+  params = attn.init(jax.random.PRNGKey(0), x)
+
+  def einsum_ranks(rules):
+    with partitioning.with_rules(rules):
+      jaxpr = jax.make_jaxpr(lambda p: attn.apply(p, x))(params)
+    return sorted({len(e.outvars[0].aval.shape) for e in jaxpr.eqns
+                   if e.primitive.name == "dot_general"})
+
+  assert not layers.heads_sharded()
+  with partitioning.with_rules(partitioning.DATA_PARALLEL_RULES):
+    assert not layers.heads_sharded()
+  with partitioning.with_rules(partitioning.TENSOR_PARALLEL_RULES):
+    assert layers.heads_sharded()
+  # Per head: 2-D projections and [B, L, L] / [B, L, D] attention einsums;
+  # heads batched: [B, H, L, L] / [B, L, H, D] einsums (rank 4).
+  assert einsum_ranks(partitioning.DATA_PARALLEL_RULES) == [2, 3]
+  assert einsum_ranks(partitioning.TENSOR_PARALLEL_RULES) == [2, 4]
 
 
 def test_gelu_and_mlp_match_numpy():

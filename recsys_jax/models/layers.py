@@ -6,7 +6,6 @@ to ('batch', 'length', 'embed'); the constraints are no-ops unless logical
 axis rules and a mesh are in context. No mesh axes appear here.
 """
 
-import math
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -143,31 +142,70 @@ def make_attention_mask(valid: Array,
   return mask
 
 
-class DenseGeneral(nn.Module):
-  """Contracts x's last `num_in_axes` axes with a `[*in, *features]` kernel.
+def heads_sharded() -> bool:
+  """True when the active logical rules map 'heads' to a mesh axis."""
+  rules = nn.get_logical_axis_rules()
+  return bool(rules) and nn.logical_to_mesh_axes(("heads",), rules)[0] is not None
 
-  Unlike `nn.DenseGeneral` the kernel is created in its real shape (not
-  flattened), so its logical-axis constraint applies to the right rank.
+
+class HeadsProjection(nn.Module):
+  """x `[..., E]` -> per-head q/k/v with a `[E, H, D]` kernel, `[H, D]` bias.
+
+  The kernel is created in its real shape, so its logical-axis constraint
+  applies to the right rank.
+  `per_head=False` returns `[..., H, D]` (one `[E, H*D]` matmul);
+  `per_head=True` returns a list of H arrays `[..., D]`, each from its own
+  2-D matmul, so attention needs no head-axis transposes (see
+  `MultiHeadSelfAttention`).
   """
-  features: Tuple[int, ...]
-  num_in_axes: int
-  kernel_axes: Tuple[str, ...]
-  bias_axes: Tuple[str, ...]
+  num_heads: int
+  head_dim: int
+  per_head: bool
   dtype: DType = jnp.float32
   kernel_init: Initializer = default_kernel_init
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[x.ndim - self.num_in_axes:]
-    kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
-                        in_shape + tuple(self.features), jnp.float32)
-    bias = self.param("bias", logical(nn.initializers.zeros, self.bias_axes),
-                      tuple(self.features), jnp.float32)
-    lead = x.shape[:x.ndim - self.num_in_axes]
-    size = math.prod(in_shape)
-    y = matmul_2d(x.reshape(lead + (size,)), kernel.reshape(size, -1),
-                  self.dtype)
-    y = y.reshape(lead + tuple(self.features))
+  def __call__(self, x: Array):
+    features = x.shape[-1]
+    kernel = self.param("kernel", logical(self.kernel_init,
+                                          ("embed", "heads", "kv")),
+                        (features, self.num_heads, self.head_dim), jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                      (self.num_heads, self.head_dim), jnp.float32)
+    bias = bias.astype(self.dtype)
+    if not self.per_head:
+      y = matmul_2d(x, kernel.reshape(features, -1), self.dtype)
+      return y.reshape(x.shape[:-1] + (self.num_heads, self.head_dim)) + bias
+    return [matmul_2d(x, kernel[:, h], self.dtype) + bias[h]
+            for h in range(self.num_heads)]
+
+
+class HeadsOutput(nn.Module):
+  """Per-head outputs -> `[..., E]` with a `[H, D, E]` kernel, `[E]` bias.
+
+  Takes
+  `[..., H, D]` or (per-head layout) a list of H arrays `[..., D]`, whose
+  2-D matmuls with `kernel[h]` are summed.
+  """
+  features: int
+  dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, heads) -> Array:
+    per_head = isinstance(heads, (list, tuple))
+    num_heads, head_dim = ((len(heads), heads[0].shape[-1]) if per_head
+                           else heads.shape[-2:])
+    kernel = self.param("kernel", logical(self.kernel_init,
+                                          ("heads", "kv", "embed")),
+                        (num_heads, head_dim, self.features), jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)),
+                      (self.features,), jnp.float32)
+    if per_head:
+      y = sum(matmul_2d(o, kernel[h], self.dtype) for h, o in enumerate(heads))
+    else:
+      y = matmul_2d(heads.reshape(heads.shape[:-2] + (-1,)),
+                    kernel.reshape(-1, self.features), self.dtype)
     return y + bias.astype(self.dtype)
 
 
@@ -176,15 +214,31 @@ class MultiHeadSelfAttention(nn.Module):
 
   Kernels: q/k/v ('embed', 'heads', 'kv'), out ('heads', 'kv', 'embed').
 
+  Two layouts of the same computation and parameters (`per_head`):
+    * heads batched (False): q/k/v `[B, L, H, D]` and einsums batched over
+      (B, H); the head axis can be sharded (tensor parallelism), but XLA:CPU
+      copies q, k, v and the output to (B, H)-major layouts, forward and
+      backward.
+    * per head (True): each head's q/k/v `[B, L, D]` from its own 2-D matmul
+      with `kernel[:, h]`, einsums batched over B only, outputs summed
+      through `out.kernel[h]`. No transposes: the attention layer's forward
+      + backward, benchmark sizes (B 256, L 50, E 64, H 2), 2 CPU cores,
+      51 -> 30 ms (benchmarks/README.md). Slicing a sharded head axis would
+      move data, so this layout is for an unsharded one.
+  `per_head=None` (default) picks per head unless the active logical rules
+  map 'heads' to a mesh axis (`heads_sharded`).
+
   Attributes:
     num_heads: number of heads; the head size is `features // num_heads`.
     dropout_rate: dropout on the attention probabilities.
     dtype: compute dtype (the softmax runs in float32).
+    per_head: the layout (above); None = automatic.
   """
   num_heads: int
   dropout_rate: float = 0.0
   dtype: DType = jnp.float32
   kernel_init: Initializer = default_kernel_init
+  per_head: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None, *,
@@ -195,28 +249,34 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f"embed size {features} is not divisible by "
                        f"num_heads={self.num_heads}")
     head_dim = features // self.num_heads
+    per_head = (not heads_sharded()) if self.per_head is None else self.per_head
 
     def proj(name):
-      return DenseGeneral((self.num_heads, head_dim), num_in_axes=1,
-                          kernel_axes=("embed", "heads", "kv"),
-                          bias_axes=("heads", "kv"), dtype=self.dtype,
-                          kernel_init=self.kernel_init, name=name)
+      return HeadsProjection(self.num_heads, head_dim, per_head, self.dtype,
+                             self.kernel_init, name=name)(x)
 
-    q = proj("query")(x)  # [B, L, H, D]
-    k = proj("key")(x)
-    v = proj("value")(x)
-    q = q * head_dim**-0.5  # a Python float keeps q's dtype
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if mask is not None:
-      # A finite fill keeps fully masked (padding) queries NaN-free.
-      scores = jnp.where(mask, scores, large_negative(jnp.float32))
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    return DenseGeneral((features,), num_in_axes=2,
-                        kernel_axes=("heads", "kv", "embed"),
-                        bias_axes=("embed",), dtype=self.dtype,
-                        kernel_init=self.kernel_init, name="out")(out)
+    q, k, v = proj("query"), proj("key"), proj("value")
+    dropout = Dropout(self.dropout_rate)
+
+    def attend(q, k, v, mask, spec):
+      q = q * head_dim**-0.5  # a Python float keeps q's dtype
+      qs, ks, out = spec
+      scores = jnp.einsum(f"{qs},{ks}->{out}", q, k).astype(jnp.float32)
+      if mask is not None:
+        # A finite fill keeps fully masked (padding) queries NaN-free.
+        scores = jnp.where(mask, scores, large_negative(jnp.float32))
+      probs = jax.nn.softmax(scores, axis=-1)
+      probs = dropout(probs, deterministic=deterministic)
+      return jnp.einsum(f"{out},{ks}->{qs}", probs.astype(self.dtype), v)
+
+    if per_head:
+      head_mask = None if mask is None else mask[:, 0]
+      out = [attend(q[h], k[h], v[h], head_mask, ("bqd", "bkd", "bqk"))
+             for h in range(self.num_heads)]
+    else:
+      out = attend(q, k, v, mask, ("bqhd", "bkhd", "bhqk"))
+    return HeadsOutput(features, self.dtype, self.kernel_init,
+                       name="out")(out)
 
 
 class Mlp(nn.Module):
