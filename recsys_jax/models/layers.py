@@ -173,11 +173,15 @@ class HeadsProjection(nn.Module):
     bias = self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
                       (self.num_heads, self.head_dim), jnp.float32)
     bias = bias.astype(self.dtype)
+    # Bias adds on the 2-D matmul outputs: XLA:CPU fuses them into the
+    # matmul there, not after a reshape.
+    rows = x.reshape(-1, features)
     if not self.per_head:
-      y = matmul_2d(x, kernel.reshape(features, -1), self.dtype)
-      return y.reshape(x.shape[:-1] + (self.num_heads, self.head_dim)) + bias
-    return [matmul_2d(x, kernel[:, h], self.dtype) + bias[h]
-            for h in range(self.num_heads)]
+      y = matmul_2d(rows, kernel.reshape(features, -1), self.dtype)
+      y = y + bias.reshape(-1)
+      return y.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+    return [(matmul_2d(rows, kernel[:, h], self.dtype) + bias[h]).reshape(
+        x.shape[:-1] + (self.head_dim,)) for h in range(self.num_heads)]
 
 
 class HeadsOutput(nn.Module):
@@ -202,11 +206,16 @@ class HeadsOutput(nn.Module):
     bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)),
                       (self.features,), jnp.float32)
     if per_head:
-      y = sum(matmul_2d(o, kernel[h], self.dtype) for h, o in enumerate(heads))
+      lead = heads[0].shape[:-1]
+      y = sum(matmul_2d(o.reshape(-1, head_dim), kernel[h], self.dtype)
+              for h, o in enumerate(heads))
     else:
-      y = matmul_2d(heads.reshape(heads.shape[:-2] + (-1,)),
+      lead = heads.shape[:-2]
+      y = matmul_2d(heads.reshape(-1, num_heads * head_dim),
                     kernel.reshape(-1, self.features), self.dtype)
-    return y + bias.astype(self.dtype)
+    # The bias add on the 2-D output fuses into the matmul (as above).
+    y = y + bias.astype(self.dtype)
+    return y.reshape(lead + (self.features,))
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -257,24 +266,30 @@ class MultiHeadSelfAttention(nn.Module):
 
     q, k, v = proj("query"), proj("key"), proj("value")
     dropout = Dropout(self.dropout_rate)
+    # The mask as an additive bias (0 or a large finite negative, which keeps
+    # fully masked padding queries NaN-free): the add fuses into the
+    # softmax's passes and its gradient is the identity, where a select
+    # costs a separate pass forward and backward. Masked keys get exactly
+    # zero probability either way (exp underflows).
+    bias = (None if mask is None else
+            jnp.where(mask, 0.0, large_negative(jnp.float32)))
 
-    def attend(q, k, v, mask, spec):
+    def attend(q, k, v, bias, spec):
       q = q * head_dim**-0.5  # a Python float keeps q's dtype
       qs, ks, out = spec
       scores = jnp.einsum(f"{qs},{ks}->{out}", q, k).astype(jnp.float32)
-      if mask is not None:
-        # A finite fill keeps fully masked (padding) queries NaN-free.
-        scores = jnp.where(mask, scores, large_negative(jnp.float32))
+      if bias is not None:
+        scores = scores + bias
       probs = jax.nn.softmax(scores, axis=-1)
       probs = dropout(probs, deterministic=deterministic)
       return jnp.einsum(f"{out},{ks}->{qs}", probs.astype(self.dtype), v)
 
     if per_head:
-      head_mask = None if mask is None else mask[:, 0]
-      out = [attend(q[h], k[h], v[h], head_mask, ("bqd", "bkd", "bqk"))
+      head_bias = None if bias is None else bias[:, 0]
+      out = [attend(q[h], k[h], v[h], head_bias, ("bqd", "bkd", "bqk"))
              for h in range(self.num_heads)]
     else:
-      out = attend(q, k, v, mask, ("bqhd", "bkhd", "bhqk"))
+      out = attend(q, k, v, bias, ("bqhd", "bkhd", "bhqk"))
     return HeadsOutput(features, self.dtype, self.kernel_init,
                        name="out")(out)
 
