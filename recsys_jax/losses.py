@@ -202,7 +202,9 @@ def tied_softmax_cross_entropy(
   whatever the number of rows, and on CPU the chunk's matmuls and softmax
   run from cache instead of memory (docs: benchmarks/README.md). The bias
   is an extra table column against a constant-1 query column (its add and
-  gradient ride on the matmuls); the target logit is a `[M, E]` gather;
+  gradient ride on the logits and table-gradient matmuls; the query
+  gradient uses the table without it, `_ce_chunk`); the target logit is a
+  `[M, E + 1]` gather;
   `correct` compares it with the row max (ties, up to float rounding, count
   as correct). `chunk_rows=None` is one chunk.
 
