@@ -128,10 +128,12 @@ def _ce_chunk(q, t, w, table, items, z_loss, constrain, with_grad):
   return loss, correct, (d_query, d_table_t)
 
 
-def _fused_ce(z_loss, n, constrain, with_grad, query, table, targets,
+def _fused_ce(z_loss, n, constrain, with_grad, query, items, bias, targets,
               weights):
-  """Scan over n row chunks: ([M] loss, [M] correct, (d query, d table))."""
-  args = (table, table[:, :-1], z_loss, constrain, with_grad)
+  """Scan over n row chunks: ([M] loss, [M] correct, (d query, d table
+  `[V, E + 1]`: the items' gradient, then the bias's as the last column))."""
+  table = jnp.concatenate([items, bias[:, None]], axis=1)
+  args = (table, items, z_loss, constrain, with_grad)
   if n == 1:
     loss, correct, grads = _ce_chunk(query, targets, weights, *args)
     if grads is not None:
@@ -158,18 +160,20 @@ def _fused_ce(z_loss, n, constrain, with_grad, query, table, targets,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _tied_ce_sums(z_loss, n, constrain, query, table, targets, weights):
-  loss, correct, _ = _fused_ce(z_loss, n, constrain, False, query, table,
-                               targets, weights)
+def _tied_ce_sums(z_loss, n, constrain, query, items, bias, targets,
+                  weights):
+  loss, correct, _ = _fused_ce(z_loss, n, constrain, False, query, items,
+                               bias, targets, weights)
   return jnp.sum(loss * weights), jnp.sum(correct * weights)
 
 
-def _tied_ce_sums_fwd(z_loss, n, constrain, query, table, targets, weights):
+def _tied_ce_sums_fwd(z_loss, n, constrain, query, items, bias, targets,
+                      weights):
   # The loss is a sum over rows, so its gradient is known in the forward
   # pass: each chunk's [c, V] softmax is used while it is in cache and never
   # stored (the backward pass only scales).
-  loss, correct, grads = _fused_ce(z_loss, n, constrain, True, query, table,
-                                   targets, weights)
+  loss, correct, grads = _fused_ce(z_loss, n, constrain, True, query, items,
+                                   bias, targets, weights)
   sums = (jnp.sum(loss * weights), jnp.sum(correct * weights))
   return sums, (grads, loss, targets)
 
@@ -179,7 +183,8 @@ def _tied_ce_sums_bwd(z_loss, n, constrain, res, cotangents):
   (d_query, d_table), loss, targets = res
   g = cotangents[0]  # correct_sum has no gradient
   d_targets = np.zeros(targets.shape, jax.dtypes.float0)
-  return g * d_query, g * d_table, d_targets, g * loss
+  return (g * d_query, g * d_table[:, :-1], g * d_table[:, -1], d_targets,
+          g * loss)
 
 
 _tied_ce_sums.defvjp(_tied_ce_sums_fwd, _tied_ce_sums_bwd)
@@ -229,12 +234,11 @@ def tied_softmax_cross_entropy(
   """
   query = query.astype(jnp.float32)
   bias = jnp.where(valid, bias.astype(jnp.float32), jnp.float32(_EXCLUDED))
-  table = jnp.concatenate([table.astype(jnp.float32), bias[:, None]], axis=1)
   weights = weights.astype(jnp.float32)
   n = loss_chunks(query.shape[0], chunk_rows)
   loss_sum, correct_sum = _tied_ce_sums(
-      float(z_loss), n, constrain or _no_constraint, query, table,
-      targets.astype(jnp.int32), weights)
+      float(z_loss), n, constrain or _no_constraint, query,
+      table.astype(jnp.float32), bias, targets.astype(jnp.int32), weights)
   return loss_sum, jnp.sum(weights), correct_sum
 
 

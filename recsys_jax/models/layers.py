@@ -145,7 +145,8 @@ def make_attention_mask(valid: Array,
 def heads_sharded() -> bool:
   """True when the active logical rules map 'heads' to a mesh axis."""
   rules = nn.get_logical_axis_rules()
-  return bool(rules) and nn.logical_to_mesh_axes(("heads",), rules)[0] is not None
+  return (bool(rules) and
+          nn.logical_to_mesh_axes(("heads",), rules)[0] is not None)
 
 
 class HeadsProjection(nn.Module):
@@ -187,9 +188,8 @@ class HeadsProjection(nn.Module):
 class HeadsOutput(nn.Module):
   """Per-head outputs -> `[..., E]` with a `[H, D, E]` kernel, `[E]` bias.
 
-  Takes
-  `[..., H, D]` or (per-head layout) a list of H arrays `[..., D]`, whose
-  2-D matmuls with `kernel[h]` are summed.
+  Takes `[..., H, D]` or (per-head layout) a list of H arrays `[..., D]`,
+  whose 2-D matmuls with `kernel[h]` are summed.
   """
   features: int
   dtype: DType = jnp.float32
