@@ -283,3 +283,86 @@ def test_builtin_tasks(data_dir, tmp_path):
           {"item_ids": 50}, "test")
   finally:
     sequence_tasks.register_builtin_tasks()
+
+
+def _example(user: str, ids, critiques=None) -> bytes:
+  """A sequence record as `prepared.write_prepared` writes it."""
+  if critiques is None:
+    critiques = [f"{user}:{k}" for k in range(len(ids))]
+  feature = {
+      prepared.USER_ID: tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[user.encode()])),
+      prepared.ITEM_IDS: tf.train.Feature(
+          int64_list=tf.train.Int64List(value=list(ids))),
+      prepared.TIMESTAMPS: tf.train.Feature(
+          int64_list=tf.train.Int64List(value=list(range(len(ids))))),
+      prepared.CRITIQUES: tf.train.Feature(
+          bytes_list=tf.train.BytesList(
+              value=[c.encode() for c in critiques])),
+  }
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString()
+
+
+@pytest.mark.parametrize("split", sources.SPLITS)
+def test_source_batched_parse_splits_and_drops_short_users(tmp_path, data_dir,
+                                                           split):
+  """Users are parsed a batch at a time: leave-one-out per user, too-short
+  users dropped, order kept, across a batch boundary."""
+  out = str(tmp_path)
+  base = prepared.PreparedDataset(data_dir)
+  with open(os.path.join(base.data_dir, prepared.STATS_FILE)) as f, \
+      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
+    g.write(f.read())
+  rows = [(f"u{i}", list(range(1, 2 + i % 7))) for i in range(600)]
+  with tf.io.TFRecordWriter(
+      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
+    for user, ids in rows:
+      w.write(_example(user, ids))
+  got = list(sources.PreparedSequenceSource(out).get_dataset(
+      split, shuffle=False).as_numpy_iterator())
+  min_len = 3 if split == "train" else 2
+  want = [(u, ids) for u, ids in rows if len(ids) >= min_len]
+  assert [g[prepared.USER_ID].decode() for g in got] == [u for u, _ in want]
+  end = {"train": -2, "validation": -2, "test": -1}[split]
+  for g, (_, ids) in zip(got, want):
+    np.testing.assert_array_equal(g[prepared.ITEM_IDS], ids[:end])
+    assert g[prepared.TIMESTAMPS].shape == g[prepared.ITEM_IDS].shape
+    if split != "train":
+      assert g[sources.TARGET] == ids[end]
+      user = g[prepared.USER_ID].decode()
+      assert g[sources.TARGET_CRITIQUE] == f"{user}:{len(ids) + end}".encode()
+
+
+def test_source_bad_item_id_names_the_user(tmp_path, data_dir):
+  out = str(tmp_path)
+  base = prepared.PreparedDataset(data_dir)
+  with open(os.path.join(base.data_dir, prepared.STATS_FILE)) as f, \
+      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
+    g.write(f.read())
+  n = base.num_items
+  with tf.io.TFRecordWriter(
+      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
+    w.write(_example("fine", [1, 2, 3]))
+    w.write(_example("culprit", [1, n + 1, 2]))
+    w.write(_example("other", [1, 2, 3], critiques=["a", "b"]))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"item_ids must lie in 1\.\.\d+; bad user.*culprit"):
+    list(sources.PreparedSequenceSource(out).get_dataset(
+        "train", shuffle=False).as_numpy_iterator())
+
+
+def test_source_misaligned_feature_names_the_user(tmp_path, data_dir):
+  out = str(tmp_path)
+  with open(os.path.join(data_dir, prepared.STATS_FILE)) as f, \
+      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
+    g.write(f.read())
+  with tf.io.TFRecordWriter(
+      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
+    w.write(_example("fine", [1, 2, 3]))
+    w.write(_example("short_critiques", [1, 2, 3], critiques=["a", "b"]))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"critiques must have one entry per item of "
+                     r"item_ids; bad user.*short_critiques"):
+    list(sources.PreparedSequenceSource(out).get_dataset(
+        "test", shuffle=False).as_numpy_iterator())
