@@ -304,23 +304,28 @@ def _example(user: str, ids, critiques=None) -> bytes:
       feature=feature)).SerializeToString()
 
 
+def _source_with(out: str, data_dir: str,
+                 records) -> sources.PreparedSequenceSource:
+  """A source over `records` (serialized Examples), with `data_dir`'s stats."""
+  with open(os.path.join(data_dir, prepared.STATS_FILE)) as f, \
+      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
+    g.write(f.read())
+  with tf.io.TFRecordWriter(
+      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
+    for record in records:
+      w.write(record)
+  return sources.PreparedSequenceSource(out)
+
+
 @pytest.mark.parametrize("split", sources.SPLITS)
 def test_source_batched_parse_splits_and_drops_short_users(tmp_path, data_dir,
                                                            split):
   """Users are parsed a batch at a time: leave-one-out per user, too-short
   users dropped, order kept, across a batch boundary."""
-  out = str(tmp_path)
-  base = prepared.PreparedDataset(data_dir)
-  with open(os.path.join(base.data_dir, prepared.STATS_FILE)) as f, \
-      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
-    g.write(f.read())
   rows = [(f"u{i}", list(range(1, 2 + i % 7))) for i in range(600)]
-  with tf.io.TFRecordWriter(
-      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
-    for user, ids in rows:
-      w.write(_example(user, ids))
-  got = list(sources.PreparedSequenceSource(out).get_dataset(
-      split, shuffle=False).as_numpy_iterator())
+  source = _source_with(str(tmp_path), data_dir,
+                        [_example(user, ids) for user, ids in rows])
+  got = list(source.get_dataset(split, shuffle=False).as_numpy_iterator())
   min_len = 3 if split == "train" else 2
   want = [(u, ids) for u, ids in rows if len(ids) >= min_len]
   assert [g[prepared.USER_ID].decode() for g in got] == [u for u, _ in want]
@@ -335,34 +340,19 @@ def test_source_batched_parse_splits_and_drops_short_users(tmp_path, data_dir,
 
 
 def test_source_bad_item_id_names_the_user(tmp_path, data_dir):
-  out = str(tmp_path)
-  base = prepared.PreparedDataset(data_dir)
-  with open(os.path.join(base.data_dir, prepared.STATS_FILE)) as f, \
-      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
-    g.write(f.read())
-  n = base.num_items
-  with tf.io.TFRecordWriter(
-      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
-    w.write(_example("fine", [1, 2, 3]))
-    w.write(_example("culprit", [1, n + 1, 2]))
-    w.write(_example("other", [1, 2, 3], critiques=["a", "b"]))
+  n = prepared.PreparedDataset(data_dir).num_items
+  source = _source_with(str(tmp_path), data_dir, [
+      _example("fine", [1, 2, 3]), _example("culprit", [1, n + 1, 2])])
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"item_ids must lie in 1\.\.\d+; bad user.*culprit"):
-    list(sources.PreparedSequenceSource(out).get_dataset(
-        "train", shuffle=False).as_numpy_iterator())
+    list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
 
 
 def test_source_misaligned_feature_names_the_user(tmp_path, data_dir):
-  out = str(tmp_path)
-  with open(os.path.join(data_dir, prepared.STATS_FILE)) as f, \
-      open(os.path.join(out, prepared.STATS_FILE), "w") as g:
-    g.write(f.read())
-  with tf.io.TFRecordWriter(
-      os.path.join(out, prepared.SEQUENCES_PREFIX + "-00000-of-00001")) as w:
-    w.write(_example("fine", [1, 2, 3]))
-    w.write(_example("short_critiques", [1, 2, 3], critiques=["a", "b"]))
+  source = _source_with(str(tmp_path), data_dir, [
+      _example("fine", [1, 2, 3]),
+      _example("short_critiques", [1, 2, 3], critiques=["a", "b"])])
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"critiques must have one entry per item of "
                      r"item_ids; bad user.*short_critiques"):
-    list(sources.PreparedSequenceSource(out).get_dataset(
-        "test", shuffle=False).as_numpy_iterator())
+    list(source.get_dataset("test", shuffle=False).as_numpy_iterator())

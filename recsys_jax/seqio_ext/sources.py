@@ -194,18 +194,21 @@ class PreparedSequenceSource(seqio.DataSource):
           v = tf.cast(v, tf.int32)
         out[k] = v
       ids = out[prepared.ITEM_IDS]
-      bad = tf.reduce_any(tf.logical_or(ids < 1, ids > num_items), axis=1)
-      check = tf.debugging.Assert(
-          tf.logical_not(tf.reduce_any(bad)),
-          [f"{data_dir}: item_ids must lie in 1..{num_items}; bad user",
-           tf.boolean_mask(out[prepared.USER_ID], bad)[:1]])
-      checks = [check]
-      for k in aligned_keys(out):
-        bad = tf.not_equal(out[k].row_lengths(), ids.row_lengths())
-        checks.append(tf.debugging.Assert(
+
+      def no_bad_user(bad, what):
+        """Fails naming `what` and the first user whose `bad` is True."""
+        return tf.debugging.Assert(
             tf.logical_not(tf.reduce_any(bad)),
-            [f"{data_dir}: {k} must have one entry per item of item_ids; "
-             "bad user", tf.boolean_mask(out[prepared.USER_ID], bad)[:1]]))
+            [f"{data_dir}: {what}; bad user",
+             tf.boolean_mask(out[prepared.USER_ID], bad)[:1]])
+
+      checks = [no_bad_user(
+          tf.reduce_any(tf.logical_or(ids < 1, ids > num_items), axis=1),
+          f"item_ids must lie in 1..{num_items}")]
+      checks += [no_bad_user(
+          tf.not_equal(out[k].row_lengths(), ids.row_lengths()),
+          f"{k} must have one entry per item of item_ids")
+                 for k in aligned_keys(out)]
       with tf.control_dependencies(checks):
         out[prepared.ITEM_IDS] = tf.identity(ids)
       return out
