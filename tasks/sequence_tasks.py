@@ -121,7 +121,9 @@ def register_sequence_tasks(
   """
   if max_predictions is None:
     max_predictions = preprocessors.default_max_predictions(mask_prob, max_len)
-  source = sources.PreparedSequenceSource(data_dir, prepare_hint=prepare_hint)
+  # Batches of examples go through the preprocessors (see preprocessors.py).
+  source = sources.PreparedSequenceSource(data_dir, prepare_hint=prepare_hint,
+                                          emit_batches=True)
   config = dict(data_dir=data_dir, max_len=max_len, mask_prob=mask_prob,
                 max_predictions=max_predictions,
                 last_item_mask_prob=last_item_mask_prob,

@@ -286,6 +286,115 @@ def test_packing_matches_numpy_reference(max_predictions):
       np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 
+def test_packed_rows_never_span_two_batches():
+  # Given single examples, every BLOCK of them is packed on its own: the
+  # NumPy packer restarted every BLOCK examples gives the same rows.
+  rng = np.random.default_rng(1)
+  ex = []
+  for _ in range(2 * pp.BLOCK + 37):
+    n = int(rng.integers(1, 10))
+    ids = rng.integers(1, 50, n)
+    w = np.zeros(n, np.float32)
+    w[rng.integers(0, n)] = 1.0
+    ex.append((ids, np.where(w > 0, ids, 0), w))
+  got = list(pp.pack_examples(_masked_examples_ds(ex), 12, 3)
+             .as_numpy_iterator())
+  want = []
+  for i in range(0, len(ex), pp.BLOCK):
+    want += _numpy_pack(ex[i:i + pp.BLOCK], 12, 3)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    for k in pp.PACKED_FEATURES:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def test_pack_batch_one_example_per_row_and_cut_to_length():
+  # Examples longer than the row are cut; ones that fill it get a row each.
+  ids = tf.ragged.constant([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11]],
+                           dtype=tf.int32)
+  weights = tf.ragged.constant([[0, 0, 0, 1, 0, 1], [1, 0, 0, 0], [1]],
+                               dtype=tf.float32)
+  ex = {"item_ids": ids, "targets": ids * tf.cast(weights, tf.int32),
+        "loss_weights": weights}
+  rows = {k: v.numpy() for k, v in pp.pack_batch(ex, 4).items()}
+  np.testing.assert_array_equal(rows["item_ids"],
+                                [[1, 2, 3, 4], [7, 8, 9, 10], [11, 0, 0, 0]])
+  np.testing.assert_array_equal(rows["loss_weights"],
+                                [[0, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(rows["segment_ids"],
+                                [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
+  empty = pp.pack_batch({k: v[:0] for k, v in ex.items()}, 4)
+  assert empty["item_ids"].shape == (0, 4)
+
+
+def _batched(ds, size):
+  """`ds` as batches of `size` examples, the form the task's source emits."""
+  return ds.ragged_batch(size)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(max_len=5), dict(max_len=5, sliding_window_stride=2),
+    dict(max_len=5, train_prefixes=True)])
+def test_batches_and_single_examples_give_the_same_rows(kwargs):
+  hist = _random_histories(300, 2, 14, seed=3)
+  rows = {}
+  for form in ("single", "batched"):
+    ds = _train_ds(hist)
+    if form == "batched":
+      ds = _batched(ds, 37)
+    ds = pp.pad_or_pack(pp.truncate_or_window(ds, **kwargs), max_len=5)
+    rows[form] = _rows(ds)
+  assert len(rows["single"]) == len(rows["batched"]) > len(hist) - 1
+  for a, b in zip(rows["single"], rows["batched"]):
+    assert a["user_id"] == b["user_id"]
+    np.testing.assert_array_equal(a["item_ids"], b["item_ids"])
+
+
+def test_batched_eval_rows_match_single_examples():
+  hist = _random_histories(100, 1, 9, seed=4)
+  rows = {}
+  for form in ("single", "batched"):
+    ds = _train_ds(hist).map(
+        lambda ex: dict(ex, target=tf.size(ex["item_ids"]) + 500,
+                        critiques=tf.strings.as_string(ex["item_ids"]),
+                        target_critique=tf.constant("next")))
+    if form == "batched":
+      ds = _batched(ds, 16)
+    ds = pp.bert4rec_inputs(pp.truncate_or_window(ds, max_len=6),
+                            num_items=NUM_ITEMS)
+    rows[form] = _rows(pp.pad_or_pack(ds, max_len=6))
+  for h, a, b in zip(hist, rows["single"], rows["batched"]):
+    kept = list(h[-5:])
+    n = len(kept)
+    want = kept + [MASK] + [0] * (5 - n)
+    np.testing.assert_array_equal(a["item_ids"], want)
+    np.testing.assert_array_equal(a["targets"][n], len(h) + 500)
+    assert list(a["critiques"]) == [str(i).encode() for i in kept] + [
+        b"next"] + [b""] * (5 - n)
+    for k in ("item_ids", "targets", "loss_weights", "critiques"):
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_mask_rules_hold_on_batches():
+  # The task's source emits batches; masking sees them whole.
+  hist = _random_histories(1500, 1, 30, seed=5)
+  p, cap = 0.3, 4
+  with seqio.utils.map_seed_manager(2):
+    ds = pp.bert4rec_inputs(_batched(_train_ds(hist), 64), num_items=NUM_ITEMS,
+                            mask_prob=p, max_predictions=cap,
+                            last_item_mask_prob=0.0)
+  rows = _rows(pp.pad_or_pack(ds, max_len=30))
+  total = expected = 0.0
+  for h, r in zip(hist, rows):
+    n = len(h)
+    m = r["loss_weights"][:n] > 0
+    assert 1 <= m.sum() <= min(cap, n) and not r["loss_weights"][n:].any()
+    np.testing.assert_array_equal(r["targets"][:n], np.where(m, h, 0))
+    total += m.sum()
+    expected += _expected_count(n, p, cap, 0.0)
+  assert abs(total - expected) < 5 * math.sqrt(len(hist) * cap**2 / 4)
+
+
 def test_eval_ignores_packing_and_pads():
   ev = _train_ds([[1, 2]]).map(lambda ex: dict(ex, target=tf.constant(3)))
   ev = pp.bert4rec_inputs(pp.truncate_or_window(ev, max_len=4),

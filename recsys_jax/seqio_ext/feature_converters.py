@@ -120,16 +120,20 @@ def examples_per_epoch(task, split: str = "train", sequence_length=None,
     ds = source.get_dataset(split, shuffle=False, shard_info=shard_info)
     length = preprocessors.resolve_length(sequence_length, config["max_len"])
     stride = config.get("sliding_window_stride")
-    if split == "train" and config.get("train_prefixes"):
-      ds = ds.map(lambda ex: tf.cast(tf.maximum(
-          tf.shape(ex[preprocessors.ITEM_IDS])[0] - 1, 0), tf.int64))
-    elif split == "train" and stride:
-      def windows(ex):
-        extra = tf.maximum(tf.shape(ex[preprocessors.ITEM_IDS])[0] - length, 0)
-        return tf.cast(1 + (extra + stride - 1) // stride, tf.int64)
-      ds = ds.map(windows)
-    else:
-      ds = ds.map(lambda ex: tf.constant(1, tf.int64))
+    batched = preprocessors.is_batched(ds)
+
+    def count(ex):
+      ids = ex[preprocessors.ITEM_IDS]
+      n = (tf.cast(ids.row_lengths(), tf.int64) if batched
+           else tf.shape(ids, out_type=tf.int64)[:1])
+      if split == "train" and config.get("train_prefixes"):
+        per_example = tf.maximum(n - 1, 0)
+      elif split == "train" and stride:
+        per_example = preprocessors.window_count(n, length, stride)
+      else:
+        per_example = tf.ones_like(n)
+      return tf.reduce_sum(per_example)
+    ds = ds.map(count)
     return int(ds.reduce(np.int64(0), lambda a, b: a + b).numpy())
   ds = task.get_dataset(sequence_length=sequence_length, split=split,
                         shuffle=False, shard_info=shard_info, num_epochs=1,

@@ -8,6 +8,9 @@ Train examples (no `target`) are truncated to the most recent `max_len` items
 packed). Evaluation examples (with `target`) keep the most recent
 `max_len - 1` items and get [MASK] appended at the position to predict.
 
+The registered tasks feed them batches of examples from the source (see
+"Examples travel in batches" below); each also takes single examples.
+
 Every preprocessor takes `sequence_length`; when SeqIO passes one,
 `sequence_length['item_ids']` overrides the `max_len` bound at registration.
 Random choices use seeds from `seqio.map_over_dataset(num_seeds=1)`, which
@@ -73,33 +76,105 @@ def resolve_num_items(num_items: Optional[int],
                    "with an 'item_ids' vocabulary of size N + 2")
 
 
+# Examples travel in batches. `sources.PreparedSequenceSource(emit_batches=
+# True)` (what the registered tasks use) yields batches of examples: `[B]`
+# scalars and `[B, (n)]` ragged sequences. Every step below works on such a
+# batch with one op per feature for the whole batch, and `pad_or_pack`, the
+# last step, emits the dense rows one by one: tf.data's per-element cost (~25
+# us of CPU per stage and example here) made per-example steps most of the
+# input pipeline's CPU (benchmarks/README.md). Given one example per element
+# instead (tests, other sources), a step batches `BLOCK` examples (as many as
+# the source's batches hold), applies the same batch code and unbatches again,
+# so both forms give the same values.
+BLOCK = sources.BATCH_SIZE
+# Binary-lifting levels of `pack_batch`: batches of < 2^24 examples.
+_PACK_LEVELS = 24
+
+
+def is_batched(ds: tf.data.Dataset) -> bool:
+  """True when elements are batches (`item_ids` is `[B, (n)]`)."""
+  return ds.element_spec[ITEM_IDS].shape.rank == 2
+
+
+def _blockwise(ds: tf.data.Dataset, fn) -> tf.data.Dataset:
+  """Applies batch function `fn` to `ds` in the form it comes in."""
+  if is_batched(ds):
+    return fn(ds)
+  return fn(ds.ragged_batch(BLOCK)).unbatch()
+
+
+def _ragged(v) -> tf.RaggedTensor:
+  return v if isinstance(v, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(v)
+
+
 def _aligned(ex) -> List[str]:
   return [ITEM_IDS] + sources.aligned_keys(ex.keys())
 
 
-def _slice(ex: Mapping[str, tf.Tensor], start, end) -> Dict[str, tf.Tensor]:
-  out = dict(ex)
-  for k in _aligned(ex):
-    out[k] = ex[k][start:end]
+def _int64(x: tf.Tensor) -> tf.Tensor:
+  return tf.cast(x, tf.int64)
+
+
+def take_slices(ex: Mapping[str, tf.Tensor], rows, starts, ends
+                ) -> Dict[str, tf.Tensor]:
+  """Example e of the result is items [starts[e], ends[e]) of row rows[e].
+
+  Aligned features are sliced like `item_ids`; other features are copied
+  from their row. `rows`, `starts`, `ends`: int64 `[E]`, 0 <= start < end <=
+  the row's length.
+  """
+  ids = ex[ITEM_IDS]
+  base = tf.gather(_int64(ids.row_starts()), rows)
+  flat = tf.ragged.range(base + starts, base + ends)  # [E, (end - start)]
+  aligned = _aligned(ex)
+  out = {}
+  for k, v in ex.items():
+    if k in aligned:
+      out[k] = tf.RaggedTensor.from_row_splits(
+          tf.gather(v.values, flat.values), flat.row_splits, validate=False)
+    else:
+      out[k] = tf.gather(v, rows)
   return out
 
 
-def truncate_example(ex: Mapping[str, tf.Tensor], keep) -> Dict[str, tf.Tensor]:
-  """Keeps the most recent `keep` items (and aligned features)."""
-  n = tf.shape(ex[ITEM_IDS])[0]
-  return _slice(ex, tf.maximum(n - keep, 0), n)
+def truncate_batch(ex: Mapping[str, tf.Tensor], keep: int
+                   ) -> Dict[str, tf.Tensor]:
+  """Keeps each example's most recent `keep` items (and aligned features)."""
+  n = _int64(ex[ITEM_IDS].row_lengths())
+  return take_slices(ex, tf.range(tf.size(n, out_type=tf.int64)),
+                     tf.maximum(n - keep, 0), n)
 
 
-def window_starts(n, max_len: int, stride: int) -> tf.Tensor:
-  """Start offsets of sliding windows over a history of length `n`.
+def window_count(n, max_len: int, stride: int):
+  """Sliding windows of a history of `n` items: 1 + ceil(max(n - L, 0) / s)."""
+  return 1 + (tf.maximum(n - max_len, 0) + stride - 1) // stride
+
+
+def window_batch(ex: Mapping[str, tf.Tensor], max_len: int, stride: int
+                 ) -> Dict[str, tf.Tensor]:
+  """Each example's sliding windows of `max_len` items, most recent first.
 
   Windows end at n, n - stride, n - 2 * stride, ... while they are full; the
   last one starts at 0 so the oldest items are covered too. A history of at
-  most `max_len` items gives one window. Count: 1 + ceil(max(n - L, 0) / s).
+  most `max_len` items gives one window (`window_count`).
   """
-  extra = tf.maximum(n - max_len, 0)
-  count = 1 + (extra + stride - 1) // stride
-  return tf.maximum(n - max_len - tf.range(count) * stride, 0)
+  n = _int64(ex[ITEM_IDS].row_lengths())
+  count = window_count(n, max_len, stride)
+  rows = tf.repeat(tf.range(tf.size(n, out_type=tf.int64)), count)
+  k = tf.ragged.range(count).values
+  n_rows = tf.gather(n, rows)
+  starts = tf.maximum(n_rows - max_len - k * stride, 0)
+  return take_slices(ex, rows, starts, tf.minimum(starts + max_len, n_rows))
+
+
+def prefix_batch(ex: Mapping[str, tf.Tensor], max_len: int
+                 ) -> Dict[str, tf.Tensor]:
+  """Each example's prefixes of 2..n items, each cut to its last max_len."""
+  n = _int64(ex[ITEM_IDS].row_lengths())
+  count = tf.maximum(n - 1, 0)
+  rows = tf.repeat(tf.range(tf.size(n, out_type=tf.int64)), count)
+  ends = 2 + tf.ragged.range(count).values
+  return take_slices(ex, rows, tf.maximum(ends - max_len, 0), ends)
 
 
 def truncate_or_window(ds: tf.data.Dataset,
@@ -112,11 +187,12 @@ def truncate_or_window(ds: tf.data.Dataset,
   """Bounds history length: train to `max_len`, evaluation to `max_len - 1`.
 
   Args:
-    ds: leave-one-out examples from `sources.PreparedSequenceSource`.
+    ds: leave-one-out examples (or batches of them) from
+      `sources.PreparedSequenceSource`.
     sequence_length: SeqIO lengths; `item_ids` overrides `max_len`.
     max_len: row length L.
     sliding_window_stride: train only; when set, a history longer than L
-      yields several examples (windows of L items, see `window_starts`),
+      yields several examples (windows of L items, see `window_batch`),
       most recent first, instead of only its last L items.
     train_prefixes: train only; each history of n items yields its n - 1
       prefixes of 2..n items (each truncated to its last L), so every item
@@ -128,109 +204,130 @@ def truncate_or_window(ds: tf.data.Dataset,
   length = resolve_length(sequence_length, max_len)
   if sources.is_eval_dataset(ds):
     # Room for the [MASK] appended at the position to predict.
-    return ds.map(lambda ex: truncate_example(ex, length - 1),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-  if train_prefixes:
+    fn = lambda ex: truncate_batch(ex, length - 1)
+  elif train_prefixes:
     if sliding_window_stride:
       raise ValueError("train_prefixes and sliding_window_stride exclude "
                        "each other; set one")
-
-    def prefixes(ex):
-      ends = tf.range(2, tf.shape(ex[ITEM_IDS])[0] + 1)
-      return tf.data.Dataset.from_tensor_slices(ends).map(
-          lambda e: truncate_example(_slice(ex, 0, e), length))
-    return ds.flat_map(prefixes)
-  if not sliding_window_stride:
-    return ds.map(lambda ex: truncate_example(ex, length),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-  stride = int(sliding_window_stride)
-  if stride < 1:
-    raise ValueError(f"sliding_window_stride must be >= 1; got {stride}")
-
-  def windows(ex):
-    starts = window_starts(tf.shape(ex[ITEM_IDS])[0], length, stride)
-    return tf.data.Dataset.from_tensor_slices(starts).map(
-        lambda s: _slice(ex, s, s + length))
-  return ds.flat_map(windows)
+    fn = lambda ex: prefix_batch(ex, length)
+  elif sliding_window_stride:
+    stride = int(sliding_window_stride)
+    if stride < 1:
+      raise ValueError(f"sliding_window_stride must be >= 1; got {stride}")
+    fn = lambda ex: window_batch(ex, length, stride)
+  else:
+    fn = lambda ex: truncate_batch(ex, length)
+  return _blockwise(
+      ds, lambda d: d.map(fn, num_parallel_calls=tf.data.AUTOTUNE))
 
 
-def mask_example(ex: Mapping[str, tf.Tensor], seed, *, mask_prob: float,
-                 max_predictions: Optional[int], last_item_mask_prob: float,
-                 mask_id: int, num_items: int, random_replace: bool = False
-                 ) -> Dict[str, tf.Tensor]:
-  """Bert4Rec cloze masking of one unpadded history.
+def _positions_in_row(rt: tf.RaggedTensor) -> tf.Tensor:
+  """Index of each flat value of `rt` inside its row (int64)."""
+  total = tf.size(rt.values, out_type=tf.int64)
+  return tf.range(total) - tf.gather(_int64(rt.row_starts()),
+                                     rt.value_rowids())
 
-  With probability `last_item_mask_prob` only the last item is masked (the
-  evaluation situation). Otherwise each item is masked with probability
-  `mask_prob`; more than `max_predictions` chosen positions are cut to a
-  uniformly random subset of that size, and a row with none gets one random
-  position. Masked inputs become [MASK] (`random_replace`: BERT's 80% [MASK],
-  10% random item, 10% unchanged).
+
+def mask_batch(ex: Mapping[str, tf.Tensor], seed, *, mask_prob: float,
+               max_predictions: Optional[int], last_item_mask_prob: float,
+               mask_id: int, num_items: int, random_replace: bool = False
+               ) -> Dict[str, tf.Tensor]:
+  """Bert4Rec cloze masking of a batch of unpadded histories.
+
+  Per example: with probability `last_item_mask_prob` only the last item is
+  masked (the evaluation situation). Otherwise each item is masked with
+  probability `mask_prob`; more than `max_predictions` chosen positions are
+  cut to a uniformly random subset of that size, and an example with none
+  gets one random position. Masked inputs become [MASK] (`random_replace`:
+  BERT's 80% [MASK], 10% random item, 10% unchanged).
 
   Args:
-    ex: example with unpadded int32 `item_ids` [n], n >= 1.
+    ex: batch with ragged int32 `item_ids` [B, (n)], every n >= 1.
     seed: stateless seed, shape [2].
 
   Returns:
     `ex` with masked `item_ids`, `targets` (true item at masked positions,
-    else 0) and float32 `loss_weights`.
+    else 0) and float32 `loss_weights`, ragged like `item_ids`.
   """
   items = ex[ITEM_IDS]
-  n = tf.shape(items)[0]
+  values = items.values
+  row = items.value_rowids()
+  n = _int64(items.row_lengths())
+  num_rows = tf.size(n)
+  total = tf.size(values)
   seed = tf.cast(tf.stack(seed), tf.int64) if isinstance(
       seed, (tuple, list)) else tf.cast(seed, tf.int64)
   seeds = tf.random.experimental.stateless_split(seed, 5)
-  u = tf.random.stateless_uniform([n], seeds[0])
-  chosen = tf.reduce_sum(tf.cast(u < mask_prob, tf.int32))
+  u = tf.random.stateless_uniform([total], seeds[0])
+  chosen = tf.math.unsorted_segment_sum(
+      tf.cast(u < mask_prob, tf.int64), row, num_rows)
   cap = n if max_predictions is None else tf.minimum(n, max_predictions)
   count = tf.maximum(tf.minimum(chosen, cap), 1)
-  # Positions with u < mask_prob are exactly the `chosen` smallest u, so
-  # keeping the `count` smallest u applies the cap (uniform subset) and the
-  # at-least-one rule (the smallest u, a uniform position) at once.
-  rank = tf.argsort(tf.argsort(u, stable=True), stable=True)
-  masked = rank < count
-  last_only = tf.random.stateless_uniform([], seeds[1]) < last_item_mask_prob
-  masked = tf.where(last_only, tf.range(n) == n - 1, masked)
+  # Positions with u < mask_prob are exactly the `chosen` smallest u of their
+  # row, so keeping the `count` smallest applies the cap (a uniform subset)
+  # and the at-least-one rule (the smallest u: a uniform position) at once.
+  # Rank within the row: sort by (row, u), ties in position order.
+  order = tf.argsort(tf.cast(row, tf.float64) * 2.0 + tf.cast(u, tf.float64),
+                     stable=True)
+  rank_sorted = tf.range(tf.size(values, out_type=tf.int64)) - tf.gather(
+      _int64(items.row_starts()), tf.gather(row, order))
+  rank = tf.gather(rank_sorted, tf.math.invert_permutation(order))
+  masked = rank < tf.gather(count, row)
+  last_only = tf.random.stateless_uniform([num_rows], seeds[1]) < (
+      last_item_mask_prob)
+  is_last = _positions_in_row(items) == tf.gather(n, row) - 1
+  masked = tf.where(tf.gather(last_only, row), is_last, masked)
 
-  replacement = tf.fill([n], tf.constant(mask_id, tf.int32))
+  replacement = tf.fill([total], tf.constant(mask_id, tf.int32))
   if random_replace:
-    r = tf.random.stateless_uniform([n], seeds[2])
+    r = tf.random.stateless_uniform([total], seeds[2])
     random_items = tf.random.stateless_uniform(
-        [n], seeds[3], minval=1, maxval=num_items + 1, dtype=tf.int32)
+        [total], seeds[3], minval=1, maxval=num_items + 1, dtype=tf.int32)
     replacement = tf.where(r < 0.8, replacement,
-                           tf.where(r < 0.9, random_items, items))
+                           tf.where(r < 0.9, random_items, values))
   out = dict(ex)
-  out[ITEM_IDS] = tf.where(masked, replacement, items)
-  out[TARGETS] = tf.where(masked, items, tf.zeros_like(items))
-  out[LOSS_WEIGHTS] = tf.cast(masked, tf.float32)
+  out[ITEM_IDS] = items.with_values(tf.where(masked, replacement, values))
+  out[TARGETS] = items.with_values(
+      tf.where(masked, values, tf.zeros_like(values)))
+  out[LOSS_WEIGHTS] = items.with_values(tf.cast(masked, tf.float32))
   return out
 
 
 @seqio.map_over_dataset(num_seeds=1)
 def _mask_dataset(ex, seed, **kwargs):
-  return mask_example(ex, seed, **kwargs)
+  return mask_batch(ex, seed, **kwargs)
 
 
-def eval_example(ex: Mapping[str, tf.Tensor], mask_id: int
-                 ) -> Dict[str, tf.Tensor]:
-  """Appends [MASK] to the (already truncated) history; target there only.
+def eval_batch(ex: Mapping[str, tf.Tensor], mask_id: int
+               ) -> Dict[str, tf.Tensor]:
+  """Appends [MASK] to each (already truncated) history; target there only.
 
   Aligned features get their pad value at the [MASK] position, except
   `critiques`, which gets `target_critique` (it is shown before the
   interaction, so it is an input).
   """
   items = ex[ITEM_IDS]
-  n = tf.shape(items)[0]
+  num_rows = items.nrows()
+
+  def append(rt, last):
+    last = tf.RaggedTensor.from_tensor(tf.reshape(last, [-1, 1]))
+    return tf.concat([rt, last], axis=1)
+
+  def zeros(rt):
+    return rt.with_values(tf.zeros_like(rt.values))
   out = dict(ex)
-  out[ITEM_IDS] = tf.concat([items, [mask_id]], 0)
-  out[TARGETS] = tf.concat([tf.zeros([n], tf.int32), [ex[sources.TARGET]]], 0)
-  out[LOSS_WEIGHTS] = tf.concat([tf.zeros([n], tf.float32), [1.0]], 0)
+  out[ITEM_IDS] = append(items, tf.fill([num_rows], mask_id))
+  out[TARGETS] = append(zeros(items), tf.cast(ex[sources.TARGET], items.dtype))
+  out[LOSS_WEIGHTS] = append(tf.cast(zeros(items), tf.float32),
+                             tf.ones([num_rows], tf.float32))
   for k in sources.aligned_keys(ex.keys()):
     if k == prepared.CRITIQUES:
-      extra = tf.reshape(ex[sources.TARGET_CRITIQUE], [1])
+      last = ex[sources.TARGET_CRITIQUE]
+    elif ex[k].dtype == tf.string:
+      last = tf.fill([num_rows], "")
     else:
-      extra = tf.zeros([1], ex[k].dtype)
-    out[k] = tf.concat([ex[k], extra], 0)
+      last = tf.zeros([num_rows], ex[k].dtype)
+    out[k] = append(ex[k], last)
   return out
 
 
@@ -243,21 +340,22 @@ def bert4rec_inputs(ds: tf.data.Dataset,
                     last_item_mask_prob: float = 0.0,
                     random_replace: bool = False,
                     num_items: Optional[int] = None) -> tf.data.Dataset:
-  """Train: cloze masking (`mask_example`); evaluation: `eval_example`.
+  """Train: cloze masking (`mask_batch`); evaluation: `eval_batch`.
 
   Args:
     ds: output of `truncate_or_window` (unpadded).
     sequence_length, output_features: passed by SeqIO; the item vocabulary
       size gives N when `num_items` is None.
     mask_prob, max_predictions, last_item_mask_prob, random_replace: see
-      `mask_example`; max_predictions None means no cap.
+      `mask_batch`; max_predictions None means no cap.
     num_items: catalogue size N ([MASK] = N + 1).
   """
   del sequence_length
   n_items = resolve_num_items(num_items, output_features)
   if sources.is_eval_dataset(ds):
-    return ds.map(lambda ex: eval_example(ex, n_items + 1),
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return _blockwise(ds, lambda d: d.map(
+        lambda ex: eval_batch(ex, n_items + 1),
+        num_parallel_calls=tf.data.AUTOTUNE))
   if not 0.0 < mask_prob <= 1.0:
     raise ValueError(f"mask_prob must be in (0, 1]; got {mask_prob}")
   if not 0.0 <= last_item_mask_prob <= 1.0:
@@ -265,89 +363,110 @@ def bert4rec_inputs(ds: tf.data.Dataset,
                      f"{last_item_mask_prob}")
   if max_predictions is not None and max_predictions < 1:
     raise ValueError(f"max_predictions must be >= 1; got {max_predictions}")
-  return _mask_dataset(
-      ds, mask_prob=mask_prob, max_predictions=max_predictions,
+  return _blockwise(ds, lambda d: _mask_dataset(
+      d, mask_prob=mask_prob, max_predictions=max_predictions,
       last_item_mask_prob=last_item_mask_prob, mask_id=n_items + 1,
-      num_items=n_items, random_replace=random_replace)
+      num_items=n_items, random_replace=random_replace))
 
 
-def _pad_to(x: tf.Tensor, length: int) -> tf.Tensor:
-  x = x[:length]
-  pad_value = "" if x.dtype == tf.string else tf.zeros([], x.dtype)
-  padded = tf.pad(x, [[0, length - tf.shape(x)[0]]],
-                  constant_values=pad_value)
-  padded.set_shape([length])
-  return padded
-
-
-def pad_example(ex: Mapping[str, tf.Tensor], length: int
-                ) -> Dict[str, tf.Tensor]:
-  """Right-pads sequence features to `length` (0, 0.0 or "")."""
+def pad_batch(ex: Mapping[str, tf.Tensor], length: int
+              ) -> Dict[str, tf.Tensor]:
+  """Right-pads (or cuts) sequence features to `[B, length]` (0, 0.0, "")."""
   out = dict(ex)
   for k in list(MODEL_FEATURES) + sources.aligned_keys(ex.keys()):
     if k in ex:
-      out[k] = _pad_to(ex[k], length)
+      v = ex[k]
+      pad_value = "" if v.dtype == tf.string else tf.zeros([], v.dtype)
+      out[k] = _ragged(v)[:, :length].to_tensor(pad_value, shape=[None, length])
+  return out
+
+
+def pack_batch(ex: Mapping[str, tf.Tensor], length: int,
+               max_predictions: Optional[int] = None) -> Dict[str, tf.Tensor]:
+  """Packs a batch of masked examples into rows `[R, length]`, first fit.
+
+  Examples (cut to `length`) are placed in order; each goes into the current
+  row while it fits (in `length` positions and, when given, in
+  `max_predictions` masked positions, the number the loss gathers per row,
+  so no target is ever cut), otherwise it starts the next row (no look-ahead,
+  as SeqIO's packer). Rows carry `item_ids`, `targets`, `loss_weights`,
+  `segment_ids` (1, 2, ... per example, 0 padding) and `positions` (0..
+  inside each example); other features are dropped.
+
+  The greedy assignment is computed without a loop over examples: with
+  prefix sums of lengths and masks, `next[i]` (the first example after a row
+  that starts at i) is a binary search; the rows start at 0, next[0],
+  next[next[0]], ..., and binary lifting over powers of `next` finds for
+  every example the start of its row and the number of rows before it.
+  """
+  feats = {k: _ragged(ex[k])[:, :length] for k in MODEL_FEATURES}
+  ids = feats[ITEM_IDS]
+  n = _int64(ids.row_lengths())
+  num = tf.size(n, out_type=tf.int64)
+  m = tf.math.unsorted_segment_sum(
+      tf.cast(feats[LOSS_WEIGHTS].values > 0, tf.int64), ids.value_rowids(),
+      num)
+  mask_cap = length if max_predictions is None else int(max_predictions)
+  # Prefix sums with a leading 0: a row from i to j - 1 holds
+  # len_sum[j] - len_sum[i] positions.
+  len_sum = tf.concat([[0], tf.cumsum(n)], 0)
+  mask_sum = tf.concat([[0], tf.cumsum(m)], 0)
+  starts = tf.range(num + 1)
+  fit = tf.minimum(
+      tf.searchsorted(len_sum, len_sum + length, side="right"),
+      tf.searchsorted(mask_sum, mask_sum + mask_cap, side="right")) - 1
+  # next[i] for i < num: at least one example per row; next[num] = num.
+  nxt = tf.minimum(tf.maximum(_int64(fit), starts + 1), num)
+  # Binary lifting: jumps[k] = next applied 2^k times; _PACK_LEVELS levels
+  # reach any row of a batch of fewer than 2^_PACK_LEVELS examples.
+  check = tf.debugging.assert_less(
+      num, tf.constant(2**_PACK_LEVELS, tf.int64),
+      message="pack_batch: too many examples in one batch")
+  with tf.control_dependencies([check]):
+    nxt = tf.identity(nxt)
+  jumps = [nxt]
+  for _ in range(_PACK_LEVELS - 1):
+    jumps.append(tf.gather(jumps[-1], jumps[-1]))
+  examples = tf.range(num)
+  row_start = tf.zeros([num], tf.int64)
+  row_index = tf.zeros([num], tf.int64)
+  for k in reversed(range(_PACK_LEVELS)):
+    ahead = tf.gather(jumps[k], row_start)
+    take = ahead <= examples
+    row_start = tf.where(take, ahead, row_start)
+    row_index = row_index + tf.where(take, tf.constant(2**k, tf.int64), 0)
+  # Scatter every item to (row, offset in row + position in its example).
+  item_example = ids.value_rowids()
+  pos = _positions_in_row(ids)
+  col = tf.gather(len_sum, item_example) - tf.gather(
+      len_sum, tf.gather(row_start, item_example)) + pos
+  where = tf.stack([tf.gather(row_index, item_example), col], axis=1)
+  num_rows = tf.where(num > 0, tf.reduce_max(
+      tf.concat([row_index, [-1]], 0)) + 1, 0)
+  shape = tf.stack([num_rows, length])
+  segment = tf.gather(examples - row_start + 1, item_example)
+  out = {k: tf.scatter_nd(where, v.values, shape) for k, v in feats.items()}
+  out[SEGMENT_IDS] = tf.scatter_nd(where, tf.cast(segment, tf.int32), shape)
+  out[POSITIONS] = tf.scatter_nd(where, tf.cast(pos, tf.int32), shape)
+  for v in out.values():
+    v.set_shape([None, length])
   return out
 
 
 def pack_examples(ds: tf.data.Dataset, length: int,
                   max_predictions: Optional[int] = None) -> tf.data.Dataset:
-  """Greedily packs masked examples into rows of `length` (first fit, in order).
+  """Packs masked examples into rows of `length` (`pack_batch`), one by one.
 
-  Each example is appended to the current row while it fits (in `length`
-  positions and, when given, in `max_predictions` masked positions per row,
-  the number the loss gathers per row, so no target is ever cut);
-  otherwise the row is emitted and a new one started (no look-ahead, as
-  SeqIO's packer). Examples must each have at most `max_predictions` masks
-  (`mask_example` caps them).
-  Rows carry `item_ids`, `targets`, `loss_weights`, `segment_ids` (1, 2, ...
-  per example, 0 padding) and `positions` (0.. inside each example); other
-  features are dropped. A finite dataset's last row is flushed at its end.
+  Rows never span two batches: a batch's last row is emitted at its end
+  (given single examples, every `BLOCK` of them is one batch), so at most
+  one partial row per batch is added to what a packer over the whole stream
+  would emit.
   """
-  feats = {ITEM_IDS: tf.int32, TARGETS: tf.int32, LOSS_WEIGHTS: tf.float32}
-  ds = ds.map(lambda ex: {k: ex[k][:length] for k in feats})
-  # An empty example flushes the last partial row at the end of the data.
-  sentinel = tf.data.Dataset.from_tensors(
-      {k: tf.zeros([0], d) for k, d in feats.items()})
-  ds = ds.concatenate(sentinel)
-  row_dtypes = dict(feats, **{SEGMENT_IDS: tf.int32, POSITIONS: tf.int32})
-  init = {k: tf.zeros([length], d) for k, d in row_dtypes.items()}
-  init["fill"] = tf.constant(0)
-  init["num_segments"] = tf.constant(0)
-  init["num_masks"] = tf.constant(0)
-  mask_cap = length if max_predictions is None else int(max_predictions)
-
-  def step(state, ex):
-    n = tf.shape(ex[ITEM_IDS])[0]
-    m = tf.reduce_sum(tf.cast(ex[LOSS_WEIGHTS] > 0, tf.int32))
-    flush = tf.logical_or(tf.equal(n, 0), state["fill"] + n > length)
-    flush = tf.logical_or(flush, state["num_masks"] + m > mask_cap)
-    emit = tf.logical_and(flush, state["fill"] > 0)
-    row = {k: state[k] for k in row_dtypes}
-    base = {k: tf.where(flush, tf.zeros_like(v), v) for k, v in state.items()}
-    fill = base["fill"]
-    segment = base["num_segments"] + 1
-
-    def place(x):
-      # Padded x has zeros after n <= length - fill, so rolling by `fill`
-      # moves it to [fill, fill + n) and only zeros wrap around.
-      return tf.roll(tf.pad(x, [[0, length - n]]), shift=fill, axis=0)
-    new = {k: base[k] + place(ex[k]) for k in feats}
-    new[SEGMENT_IDS] = base[SEGMENT_IDS] + place(tf.fill([n], segment))
-    new[POSITIONS] = base[POSITIONS] + place(tf.range(n))
-    new["fill"] = fill + n
-    new["num_segments"] = tf.where(n > 0, segment, base["num_segments"])
-    new["num_masks"] = base["num_masks"] + m
-    return new, (emit, row)
-
-  def is_emitted(emit, unused_row):
-    return emit
-
-  def emitted_row(unused_emit, row):
-    for v in row.values():
-      v.set_shape([length])
-    return row
-  return ds.scan(init, step).filter(is_emitted).map(emitted_row)
+  if not is_batched(ds):
+    ds = ds.map(lambda ex: {k: ex[k] for k in MODEL_FEATURES}).ragged_batch(
+        BLOCK)
+  return ds.map(lambda ex: pack_batch(ex, length, max_predictions),
+                num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def pad_or_pack(ds: tf.data.Dataset,
@@ -356,15 +475,16 @@ def pad_or_pack(ds: tf.data.Dataset,
                 max_len: Optional[int] = None,
                 packing: bool = False,
                 max_predictions: Optional[int] = None) -> tf.data.Dataset:
-  """Dense rows of length L: right padding, or packing for train.
-
-  Packed rows hold at most `max_predictions` masked positions each.
+  """Dense rows of length L, one per element: right padding, or packing for
+  train. Packed rows hold at most `max_predictions` masked positions each.
   """
   length = resolve_length(sequence_length, max_len)
   if packing and not sources.is_eval_dataset(ds):
     return pack_examples(ds, length, max_predictions)
-  return ds.map(lambda ex: pad_example(ex, length),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  if not is_batched(ds):
+    ds = ds.ragged_batch(BLOCK)
+  return ds.map(lambda ex: pad_batch(ex, length),
+                num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 # Text features.

@@ -32,8 +32,9 @@ except (RuntimeError, ValueError):  # devices already initialized / none
 SPLITS = ("train", "validation", "test")
 TARGET = "target"
 TARGET_CRITIQUE = "target_critique"
-# Records parsed per `tf.io.parse_example` call (order is unchanged).
-_PARSE_BATCH = 256
+# Records parsed and split per `tf.io.parse_example` call (order is
+# unchanged); with `emit_batches`, the examples per emitted batch.
+BATCH_SIZE = 1024
 DEFAULT_PREPARE_HINT = ("python -m recsys_jax.data.prepare --format=synthetic "
                         "--output_dir={data_dir}")
 
@@ -91,7 +92,7 @@ class PreparedSequenceSource(seqio.DataSource):
   """
 
   def __init__(self, data_dir: str, *, prepare_hint: Optional[str] = None,
-               shuffle_buffer_size: int = 10_000):
+               shuffle_buffer_size: int = 10_000, emit_batches: bool = False):
     """Creates the source.
 
     Args:
@@ -99,12 +100,17 @@ class PreparedSequenceSource(seqio.DataSource):
       prepare_hint: command shown when the directory does not exist;
         `{data_dir}` is substituted.
       shuffle_buffer_size: records shuffled at the source (per shard).
+      emit_batches: yield batches of up to `BATCH_SIZE` examples (`[B]` scalars,
+        `[B, (n)]` ragged sequences; the preprocessors of
+        `seqio_ext.preprocessors` take them) instead of single examples.
+        Same examples in the same order.
     """
     super().__init__(splits=SPLITS, num_input_examples=None,
                      caching_permitted=True)
     self._data_dir = data_dir
     self._prepare_hint = prepare_hint or DEFAULT_PREPARE_HINT
     self._shuffle_buffer_size = shuffle_buffer_size
+    self._emit_batches = bool(emit_batches)
 
   def __str__(self):
     return f"PreparedSequenceSource({self._data_dir})"
@@ -157,6 +163,8 @@ class PreparedSequenceSource(seqio.DataSource):
       num_epochs: Optional[int] = 1,  # unused
   ) -> tf.data.Dataset:
     """Leave-one-out examples of `split` (one per user of this shard).
+
+    Single examples, or batches of them with `emit_batches`.
 
     Args:
       split: 'train', 'validation' or 'test'.
@@ -213,9 +221,10 @@ class PreparedSequenceSource(seqio.DataSource):
         out[prepared.ITEM_IDS] = tf.identity(ids)
       return out
 
-    return ds.batch(_PARSE_BATCH).map(
+    ds = ds.batch(BATCH_SIZE).map(
         lambda records: split_batch(parse(records), split),
-        num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds if self._emit_batches else ds.unbatch()
 
 
 class ItemVocabulary(seqio.PassThroughVocabulary):
