@@ -266,16 +266,16 @@ def mask_batch(ex: Mapping[str, tf.Tensor], seed, *, mask_prob: float,
   # Positions with u < mask_prob are exactly the `chosen` smallest u of their
   # row, so keeping the `count` smallest applies the cap (a uniform subset)
   # and the at-least-one rule (the smallest u: a uniform position) at once.
-  # Rank within the row: sort by (row, u), ties in position order.
+  # Rank within the row: sort by (row, u), ties in position order. Rows
+  # stay in place, so the k-th sorted value of a row has rank k there.
   order = tf.argsort(tf.cast(row, tf.float64) * 2.0 + tf.cast(u, tf.float64),
                      stable=True)
-  rank_sorted = tf.range(tf.size(values, out_type=tf.int64)) - tf.gather(
-      _int64(items.row_starts()), tf.gather(row, order))
-  rank = tf.gather(rank_sorted, tf.math.invert_permutation(order))
+  pos = _positions_in_row(items)
+  rank = tf.gather(pos, tf.math.invert_permutation(order))
   masked = rank < tf.gather(count, row)
   last_only = tf.random.stateless_uniform([num_rows], seeds[1]) < (
       last_item_mask_prob)
-  is_last = _positions_in_row(items) == tf.gather(n, row) - 1
+  is_last = pos == tf.gather(n, row) - 1
   masked = tf.where(tf.gather(last_only, row), is_last, masked)
 
   replacement = tf.fill([total], tf.constant(mask_id, tf.int32))
