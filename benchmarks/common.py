@@ -604,6 +604,8 @@ def summarize(results_dir: str = RESULTS_DIR,
   ours_train_mb = _rounds(results_dir, "train_throughput_mb_round")
   # Pinned to one core (taskset), peak measured there too: one file each.
   ours_train_1core = _rounds(results_dir, "train_throughput_1core_")
+  # Data parallel over processes (one per core), local accumulation.
+  ours_train_mp = _rounds(results_dir, "train_throughput_mp_round")
   ours_eval = _rounds(results_dir, "eval_throughput_round")
   rb_train = _rounds(results_dir, "recbole_round")
   rb_eval = [r for r in rb_train if "users_per_s" in r]
@@ -658,6 +660,9 @@ def summarize(results_dir: str = RESULTS_DIR,
                                "modes", mode, key)
 
   n_mb = (ours_train_mb or [{}])[0].get("num_microbatches")
+  mp = (ours_train_mp or [{}])[0]
+  mp_label = (f"{mp.get('num_processes')} processes (one per core), local "
+              f"accumulation of {mp.get('num_microbatches')} micro-batches")
 
   peak = _median_over_rounds(ours_train, "matmul_peak", "best_gflops")
   rb_seq = _median_over_rounds(rb_train, "trainer", "sequences_per_s")
@@ -687,6 +692,10 @@ def summarize(results_dir: str = RESULTS_DIR,
         "256-row batch (one update): sequences/s",
         ours("staged_padded", "sequences_per_s", ours_train_mb),
         rb_staged_seq, "train_padded_seq_per_s")
+  if ours_train_mp:
+    row(f"train, padded, pre-staged, {mp_label}: sequences/s",
+        ours("staged_padded", "sequences_per_s", ours_train_mp),
+        rb_staged_seq, "train_padded_seq_per_s")
   row("train, padded, through the input pipeline: sequences/s",
       ours("pipeline_padded", "sequences_per_s"), rb_seq,
       "train_padded_seq_per_s")
@@ -698,6 +707,11 @@ def summarize(results_dir: str = RESULTS_DIR,
   row("train, packed, through the input pipeline: real interactions/s",
       ours("pipeline_packed", "interactions_per_s"), rb_inter,
       "train_packed_interactions_per_s")
+  if ours_train_mp:
+    row(f"train, packed, through the input pipeline, {mp_label}: real "
+        "interactions/s",
+        ours("pipeline_packed", "interactions_per_s", ours_train_mp),
+        rb_inter, "train_packed_interactions_per_s")
   row("evaluation, full ranking of all users (input cached after the first "
       "pass, as periodic evaluation runs): users/s", our_eval_ups,
       rb_eval_ups, "eval_users_per_s")
@@ -727,6 +741,9 @@ def summarize(results_dir: str = RESULTS_DIR,
         "pipeline_packed")]
     arms += [(m, f"{m}, {n_mb} micro-batches", ours_train_mb)
              for m in ("staged_padded", "staged_packed") if ours_train_mb]
+    arms += [(m, f"{m}, {mp_label}", ours_train_mp) for m in (
+        "staged_padded", "staged_packed", "pipeline_padded",
+        "pipeline_packed") if ours_train_mp]
     for r in ours_train_1core:
       n = r.get("num_microbatches", 1)
       arms += [(m, f"{m}, one core (taskset), "
@@ -748,7 +765,15 @@ def summarize(results_dir: str = RESULTS_DIR,
     lines += ["## Our training throughput and MFU", "",
               f"Matmul peak measured in the same run (float32 `jnp.dot`, "
               f"4096 x 4096, best of several): {_fmt(peak, 1)} GFLOP/s. MFU "
-              f"target: >= {int(MFU_TARGET * 100)}% of it.", "",
+              f"target: >= {int(MFU_TARGET * 100)}% of it."
+              + (f" The {mp_label} rows: data parallelism over "
+                 "jax.distributed (gloo on loopback), 256 / "
+                 f"{mp.get('num_processes')} rows per process, one flat "
+                 "gradient all-reduce a step "
+                 "(`TrainLoopConfig.local_accumulation`); their MFU is "
+                 "against the larger of the whole machine's peak and the "
+                 "sum of the processes' peaks measured together, in their "
+                 "own run." if ours_train_mp else ""), "",
               "| mode | s/step | rows/s | users/s | real interactions/s | "
               "tokens/s (rows x L) | GFLOP/step | GFLOP/s | MFU |",
               "|---|---|---|---|---|---|---|---|---|"] + mrows + [""]

@@ -19,7 +19,9 @@
 # ~1 h 40 min), RECBOLE_VENV (RecBole's own virtualenv, created on first use),
 # LOAD_MAX (default 1.0), NUM_MICROBATCHES (the staged modes once more with
 # this many gradient-accumulation micro-batches per 256-row step, default 4;
-# 1 skips them).
+# 1 skips them), PROCESSES (every mode once more as data parallelism over
+# this many processes, one pinned per core, with local accumulation of
+# NUM_MICROBATCHES micro-batches each; default: the usable cores; 1 skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -36,6 +38,7 @@ RECBOLE_QUALITY_BUDGET_S="${RECBOLE_QUALITY_BUDGET_S:-0}"
 RECBOLE_VENV="${RECBOLE_VENV:-$HOME/.cache/recsys_jax/recbole-venv}"
 LOAD_MAX="${LOAD_MAX:-1.0}"
 NUM_MICROBATCHES="${NUM_MICROBATCHES:-4}"
+PROCESSES="${PROCESSES:-$(nproc)}"
 RESULTS=benchmarks/results
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 CUDA_VISIBLE_DEVICES=""
 START=$SECONDS
@@ -78,6 +81,16 @@ ours_train_mb() {  # the staged modes again with gradient accumulation
       --output="$RESULTS/train_throughput_mb_round$1.json"
   fi
 }
+ours_train_mp() {  # every mode over PROCESSES processes, one per core
+  if (( PROCESSES > 1 )); then
+    step "ours train, $PROCESSES processes, round $1" \
+      "$PYTHON" -m benchmarks.train_throughput --data_dir="$DATA_DIR" \
+      --num_processes="$PROCESSES" --local_accumulation \
+      --num_microbatches="$NUM_MICROBATCHES" --steps="$TRAIN_STEPS" \
+      --repeats="$TRAIN_REPEATS" \
+      --output="$RESULTS/train_throughput_mp_round$1.json"
+  fi
+}
 ours_eval() {
   step "ours eval, round $1" "$PYTHON" -m benchmarks.eval_throughput \
     --data_dir="$DATA_DIR" --output="$RESULTS/eval_throughput_round$1.json"
@@ -97,9 +110,11 @@ for r in $(seq 1 "$ROUNDS"); do
   # Odd rounds: ours, RecBole, ours; even rounds the mirror image, so a
   # drifting machine load falls on both sides alike.
   if (( r % 2 )); then
-    ours_train "$r"; ours_train_mb "$r"; recbole "$r"; ours_eval "$r"
+    ours_train "$r"; ours_train_mb "$r"; recbole "$r"; ours_train_mp "$r"
+    ours_eval "$r"
   else
-    ours_eval "$r"; recbole "$r"; ours_train_mb "$r"; ours_train "$r"
+    ours_eval "$r"; ours_train_mp "$r"; recbole "$r"; ours_train_mb "$r"
+    ours_train "$r"
   fi
 done
 

@@ -25,10 +25,22 @@ matmul peak measured in the same process.
 (`trainer.make_train_step(..., num_microbatches=n)`: the batch runs as n
 micro-batches of batch / n rows, one update); it is recorded in the JSON.
 
+`--num_processes=k` runs the modes as data parallelism over k processes on
+this machine (the launcher starts them, each pinned with `taskset` to its own
+core and holding one CPU device, joined by jax.distributed over loopback with
+gloo collectives); the global batch stays the issue's 256 rows (256 / k per
+process). MFU is then taken against the larger of the launcher's whole-machine
+peak and the sum of the processes' peaks measured together.
+`--local_accumulation` builds the step of
+`TrainLoopConfig.local_accumulation` (each device accumulates its own
+micro-batches; one flat all-reduce a step), which is what makes several
+processes pay off on this machine (benchmarks/README.md).
+
 `--smoke` runs tiny sizes in seconds.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -67,7 +79,8 @@ def _side(args, data: Dict[str, Any], prefix: str, packed: bool, mesh, rules):
       mask_prob=sizes["mask_prob"], packing=packed, seed=0,
       max_predictions=args.packed_max_predictions if packed else None)
   setup = Setup(args, pipe.num_items, packed, mesh, rules)
-  it = pipe.train_batches(0, sizes["batch_size"])
+  it = pipe.train_batches(
+      0, partitioning.local_batch_size(sizes["batch_size"]))
   first = [next(it) for _ in range(max(args.staged_batches, 1))]
   return pipe, setup, it, first
 
@@ -90,6 +103,17 @@ def batch_counts(batch: Dict[str, np.ndarray], max_predictions: int
 def _add(total: Dict[str, int], c: Dict[str, int]) -> None:
   for k, v in c.items():
     total[k] = total.get(k, 0) + v
+
+
+def _global_counts(counts: Dict[str, int]) -> Dict[str, int]:
+  """This process's batch counts summed over all processes."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  keys = sorted(counts)
+  every = multihost_utils.process_allgather(
+      np.asarray([counts[k] for k in keys], np.int32))
+  return dict(zip(keys, (int(v) for v in np.asarray(every).sum(axis=0))))
 
 
 class Setup:
@@ -116,7 +140,9 @@ class Setup:
         self.model, tx, jax.random.PRNGKey(0), mesh, rules)
     self.step = trainer.jit_train_step(
         trainer.make_train_step(self.model, tx, schedule,
-                                num_microbatches=self.num_microbatches),
+                                num_microbatches=self.num_microbatches,
+                                local_accumulation=args.local_accumulation,
+                                mesh=mesh),
         shardings, mesh)
     self.mesh, self.rules = mesh, rules
     self.rng = jax.random.PRNGKey(1)
@@ -188,6 +214,7 @@ def time_pipeline(setup: Setup, it: Iterator[Dict[str, np.ndarray]],
 
 def _summary(setup: Setup, windows: List[float], steps: int,
              counts: Dict[str, int], repeats: int) -> Dict[str, Any]:
+  counts = _global_counts(counts)
   step_time = float(np.median(windows)) / steps
   total_steps = steps * repeats
   rows = counts["rows"] / total_steps
@@ -263,15 +290,41 @@ def parse_args(argv=None):
                  help="synthetic users of the quality comparison")
   p.add_argument("--quality_items", type=int, default=2000)
   p.add_argument("--matmul_n", type=int, default=4096)
+  p.add_argument("--num_processes", type=int, default=1,
+                 help="> 1: data parallel over this many processes on this "
+                 "machine, each pinned to its own core and holding one CPU "
+                 "device, over jax.distributed on loopback (gloo); the "
+                 "global batch stays --batch_size (issue sizes)")
+  p.add_argument("--local_accumulation", action="store_true",
+                 help="the step of TrainLoopConfig.local_accumulation: each "
+                 "device runs its rows' micro-batches and the gradients are "
+                 "all-reduced once per step as one buffer (without it XLA "
+                 "all-reduces every parameter in every micro-batch)")
+  p.add_argument("--process_id", type=int, default=None,
+                 help=argparse.SUPPRESS)  # set by the launcher
+  p.add_argument("--coordinator_address", default=None,
+                 help=argparse.SUPPRESS)
+  p.add_argument("--machine_peak_gflops", type=float, default=None,
+                 help=argparse.SUPPRESS)
   p.add_argument("--smoke", action="store_true", help="tiny, seconds")
   p.add_argument("--output", required=True)
   args = p.parse_args(argv)
   if args.num_microbatches < 1:
     p.error(f"--num_microbatches={args.num_microbatches}: expected >= 1")
+  if args.num_processes < 1:
+    p.error(f"--num_processes={args.num_processes}: expected >= 1")
+  if args.num_processes > 1 and (args.quality_epochs or args.duel or
+                                 args.profile_dir):
+    p.error("--num_processes > 1 times the throughput modes only (not "
+            "--quality_epochs, --duel or --profile_dir)")
   args.sizes = dict(SMOKE_SIZES if args.smoke else common.ISSUE_SIZES)
-  if args.sizes["batch_size"] % args.num_microbatches:
+  local_rows = args.sizes["batch_size"] // args.num_processes
+  if local_rows * args.num_processes != args.sizes["batch_size"]:
+    p.error(f"--num_processes={args.num_processes} must divide the batch "
+            f"size {args.sizes['batch_size']}")
+  if local_rows % args.num_microbatches:
     p.error(f"--num_microbatches={args.num_microbatches} must divide the "
-            f"batch size {args.sizes['batch_size']}")
+            f"rows per process {local_rows}")
   mp = args.max_predictions or preprocessors.default_max_predictions(
       args.sizes["mask_prob"], args.sizes["max_len"])
   args.max_predictions = mp
@@ -464,8 +517,73 @@ def _print(mode: str, res: Dict[str, Any]) -> None:
            if res.get("num_microbatches", 1) > 1 else ""), flush=True)
 
 
+def launch_processes(args, argv) -> Dict[str, Any]:
+  """Runs this script as `--num_processes` pinned processes; merges output.
+
+  The launcher (unpinned) first measures the whole machine's matmul peak as
+  the one-process modes do; process i runs on core i (mod the usable cores)
+  and the processes measure their cores' peaks together again. MFU is taken
+  against the larger of the two, so splitting the machine cannot flatter it.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  machine = common.machine_info()
+  data = common.ensure_beauty_or_synthetic(args.data_dir)  # once, not racing
+  del data
+  peak = common.measure_matmul_peak(args.matmul_n)
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  cores = sorted(os.sched_getaffinity(0))
+  argv = list(sys.argv[1:] if argv is None else argv)
+  taskset = shutil.which("taskset")
+  if not taskset:
+    raise SystemExit("--num_processes > 1 pins each process to a core with "
+                     "`taskset` (util-linux), which is not on PATH")
+  procs = []
+  for i in range(args.num_processes):
+    cmd = [taskset, "-c", str(cores[i % len(cores)]), sys.executable,
+           os.path.abspath(__file__), *argv, f"--process_id={i}",
+           f"--coordinator_address=127.0.0.1:{port}",
+           f"--machine_peak_gflops={peak['best_gflops']}"]
+    procs.append(subprocess.Popen(cmd, env=dict(os.environ,
+                                                JAX_PLATFORMS="cpu")))
+  codes = [p.wait() for p in procs]
+  if any(codes):
+    raise SystemExit(f"--num_processes={args.num_processes}: process exit "
+                     f"codes {codes}")
+  with open(args.output) as f:
+    result = json.load(f)
+  result["process_machine"] = result.pop("machine")
+  result["launcher_matmul_peak"] = peak
+  path = common.write_result(args.output, result, machine)
+  print(f"wrote {path}", flush=True)
+  return result
+
+
+def _distributed_peak(args) -> Dict[str, Any]:
+  """Matmul peak of all processes' cores at once, or None for one process."""
+  if jax.process_count() == 1:
+    return None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from recsys_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.barrier("matmul_peak")
+  mine = common.measure_matmul_peak(args.matmul_n)
+  every = np.asarray(multihost_utils.process_allgather(
+      np.asarray([mine["best_gflops"]], np.float32))).reshape(-1)
+  return {"per_process_best_gflops": [float(v) for v in every],
+          "sum_best_gflops": float(every.sum())}
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.num_processes > 1 and args.process_id is None:
+    return launch_processes(args, argv)
+  if args.num_processes > 1:
+    from recsys_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(args.coordinator_address, args.num_processes,
+                           args.process_id, platform="cpu")
   machine = common.machine_info()
   if args.smoke:
     data = common.ensure_synthetic(args.data_dir, num_users=120,
@@ -496,8 +614,12 @@ def main(argv=None):
       "steps_per_window": args.steps, "repeats": args.repeats,
       "warmup_steps": args.warmup_steps,
       "num_microbatches": args.num_microbatches,
-      "loss_chunk_rows": args.loss_chunk_rows, "modes": {}}
+      "loss_chunk_rows": args.loss_chunk_rows,
+      "num_processes": jax.process_count(),
+      "local_accumulation": args.local_accumulation, "modes": {}}
   peaks = [common.measure_matmul_peak(args.matmul_n)]
+  if jax.process_count() > 1:
+    peaks = [_distributed_peak(args)]
 
   for packed in (False, True):
     kind = "packed" if packed else "padded"
@@ -533,21 +655,38 @@ def main(argv=None):
       res["flops_per_row_forward"] = setup.flops_breakdown
       res["padded_vocab"] = setup.padded_vocab
       result["modes"][mode] = res
-    peaks.append(common.measure_matmul_peak(args.matmul_n))
+    if jax.process_count() > 1:
+      peaks.append(_distributed_peak(args))
+    else:
+      peaks.append(common.measure_matmul_peak(args.matmul_n))
 
-  # The peak: best over the measurements taken around the step timings.
-  best = max(peaks, key=lambda p: p["best_gflops"])
-  result["matmul_peak"] = dict(best, all_best_gflops=[
-      p["best_gflops"] for p in peaks])
-  peak = best["best_gflops"] * 1e9
-  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+  if jax.process_count() > 1:
+    # The machine's peak: the launcher's whole-machine measurement or all
+    # processes' cores together, whichever is larger.
+    together = max(p["sum_best_gflops"] for p in peaks)
+    best_gflops = max(together, args.machine_peak_gflops or 0.0)
+    result["matmul_peak"] = {
+        "best_gflops": best_gflops,
+        "launcher_best_gflops": args.machine_peak_gflops,
+        "processes_together": peaks}
+  else:
+    # The peak: best over the measurements taken around the step timings.
+    best = max(peaks, key=lambda p: p["best_gflops"])
+    result["matmul_peak"] = dict(best, all_best_gflops=[
+        p["best_gflops"] for p in peaks])
+    best_gflops = best["best_gflops"]
+  peak = best_gflops * 1e9
+  if jax.process_index() == 0:
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   for mode, res in result["modes"].items():
     res["mfu"] = res["achieved_gflops"] * 1e9 / peak
     res["mfu_best_window"] = (setup_flops(res) /
                               min(res["step_time_windows_s"]) / peak)
-    _print(mode, res)
-  path = common.write_result(args.output, result, machine)
-  print(f"wrote {path}", flush=True)
+    if jax.process_index() == 0:
+      _print(mode, res)
+  if jax.process_index() == 0:
+    path = common.write_result(args.output, result, machine)
+    print(f"wrote {path}", flush=True)
   return result
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -135,8 +136,9 @@ def microbatch(batch, index, num_microbatches: int):
   return jax.tree.map(take, batch)
 
 
-def make_train_step(model, tx, schedule, num_microbatches: int = 1
-                    ) -> Callable:
+def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
+                    local_accumulation: bool = False,
+                    mesh=None) -> Callable:
   """The pure step `(state, batch, rng) -> (state, metrics)`.
 
   `num_microbatches` = n > 1 accumulates gradients (as t5x does): the global
@@ -151,8 +153,58 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1
   micro-batch; the in-batch loss sees only its micro-batch's targets).
   Peak activation memory is about that of a batch of B / n rows. The global
   batch size B must be divisible by n (ValueError at trace time otherwise).
+
+  `local_accumulation=True` (pure data parallelism over `mesh`, whose
+  `model` axis must be 1) computes the same sums inside a `jax.shard_map`
+  over the `data` axis: each shard runs its own B / D rows (as n
+  micro-batches of B / (D n) rows, so D n must divide B) without any
+  collective, and the shards' gradient sums and metric sums are all-reduced
+  once per step as one flat float32 buffer. The default (SPMD `jit`) leaves
+  the reduction to XLA, which all-reduces every parameter's gradient inside
+  every micro-batch: n x (number of parameter arrays) collectives a step,
+  negligible on a TPU's interconnect but not over a host network (on one
+  machine's loopback with gloo, ~3 ms each: benchmarks/README.md). The update
+  is the same up to float rounding without dropout; with dropout, shard d
+  draws its masks from `fold_in(step_rng, d)` (other masks than the default
+  path's, equally random). Parameters enter replicated (rules that shard
+  them would gather them for the step).
   """
   num_microbatches = _check_num_microbatches(num_microbatches)
+  if local_accumulation:
+    return _local_accumulation_step(model, num_microbatches, mesh,
+                                    _update_fn(tx, schedule))
+
+  apply_gradients = _update_fn(tx, schedule)
+  if num_microbatches == 1:
+    def train_step(state: TrainState, batch, rng):
+      step_rng = jax.random.fold_in(rng, state.step)
+      grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+      (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+      return apply_gradients(state, grads, loss, aux)
+
+    return train_step
+
+  n = num_microbatches
+  grad_fn = _loss_sum_grad_fn(model)
+
+  def accumulating_train_step(state: TrainState, batch, rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      if x.shape[0] % n:
+        raise ValueError(
+            f"num_microbatches={n} must divide the global batch size; "
+            f"batch{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+    grad_sum, sums = _accumulate(grad_fn, state.params, batch, step_rng, n)
+    return _apply_sums(apply_gradients, state, grad_sum, sums)
+
+  return accumulating_train_step
+
+
+_SUM_KEYS = ("loss_sum", "weight_sum", "correct_sum")
+
+
+def _update_fn(tx, schedule) -> Callable:
+  """`(state, grads, loss, aux) -> (state, metrics)`: one optimizer update."""
 
   def apply_gradients(state, grads, loss, aux):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -169,51 +221,91 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1
                               opt_state=opt_state)
     return new_state, metrics
 
-  if num_microbatches == 1:
-    def train_step(state: TrainState, batch, rng):
-      step_rng = jax.random.fold_in(rng, state.step)
-      grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-      (loss, aux), grads = grad_fn(state.params, batch, step_rng)
-      return apply_gradients(state, grads, loss, aux)
+  return apply_gradients
 
-    return train_step
 
-  n = num_microbatches
-  sum_keys = ("loss_sum", "weight_sum", "correct_sum")
+def _loss_sum_grad_fn(model) -> Callable:
+  """`(params, batch, rng) -> (grads of loss_sum, aux)`."""
 
   def loss_sum_fn(params, batch, dropout_rng):
     _, aux = model.loss_fn(params, batch, dropout_rng)
     return aux["loss_sum"], aux
 
-  grad_fn = jax.grad(loss_sum_fn, has_aux=True)
+  return jax.grad(loss_sum_fn, has_aux=True)
 
-  def accumulating_train_step(state: TrainState, batch, rng):
-    step_rng = jax.random.fold_in(rng, state.step)
+
+def _accumulate(grad_fn, params, batch, step_rng, n: int):
+  """Float32 sums of the gradients and `_SUM_KEYS` over n micro-batches
+  (`microbatch(batch, i, n)` with dropout rng `fold_in(step_rng, i)`), run
+  one after another in a `lax.scan`."""
+
+  def body(carry, i):
+    grad_sum, sums = carry
+    grads, aux = grad_fn(params, microbatch(batch, i, n),
+                         jax.random.fold_in(step_rng, i))
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32),
+                            grad_sum, grads)
+    sums = {k: sums[k] + aux[k].astype(jnp.float32) for k in _SUM_KEYS}
+    return (grad_sum, sums), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (zeros, {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS})
+  (grad_sum, sums), _ = jax.lax.scan(body, init, jnp.arange(n))
+  return grad_sum, sums
+
+
+def _apply_sums(apply_gradients, state, grad_sum, sums):
+  """The update from summed gradients: grad_sum / max(weight_sum, 1)."""
+  denom = jnp.maximum(sums["weight_sum"], 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum,
+                       state.params)
+  return apply_gradients(state, grads, sums["loss_sum"] / denom, sums)
+
+
+def _local_accumulation_step(model, n: int, mesh, apply_gradients
+                             ) -> Callable:
+  """The train step of `make_train_step(..., local_accumulation=True)`."""
+  if mesh is None:
+    raise ValueError("make_train_step(local_accumulation=True) needs the "
+                     "mesh (mesh=...)")
+  axes = dict(mesh.shape)
+  if int(axes.get(partitioning.MODEL_AXIS, 1)) != 1:
+    raise ValueError(
+        f"local gradient accumulation is data parallelism only; the mesh "
+        f"{axes} has a model axis of {axes[partitioning.MODEL_AXIS]} (set "
+        "TrainLoopConfig.local_accumulation=False for tensor or vocab "
+        "parallelism)")
+  shards = int(axes.get(partitioning.DATA_AXIS, 1))
+  grad_fn = _loss_sum_grad_fn(model)
+  spec = jax.sharding.PartitionSpec
+  data_axis = partitioning.DATA_AXIS
+
+  def shard_sums(params, batch, step_rng):
+    rng = jax.random.fold_in(step_rng, jax.lax.axis_index(data_axis))
+    # Inside the shard nothing is partitioned: logical constraints are off.
+    with nn.logical_axis_rules(()):
+      grad_sum, sums = _accumulate(grad_fn, params, batch, rng, n)
+    # One all-reduce a step: every gradient and metric sum in one buffer.
+    flat, unravel = jax.flatten_util.ravel_pytree((grad_sum, sums))
+    return unravel(jax.lax.psum(flat, data_axis))
+
+  sharded_sums = jax.shard_map(
+      shard_sums, mesh=mesh, in_specs=(spec(), spec(data_axis), spec()),
+      out_specs=spec(), check_vma=False)
+
+  def local_accumulation_train_step(state: TrainState, batch, rng):
     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      if x.shape[0] % n:
+      if x.shape[0] % (shards * n):
         raise ValueError(
-            f"num_microbatches={n} must divide the global batch size; "
-            f"batch{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+            f"local gradient accumulation runs num_microbatches={n} "
+            f"micro-batches on each of {shards} data shards, so {shards * n} "
+            f"must divide the global batch size; batch"
+            f"{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+    step_rng = jax.random.fold_in(rng, state.step)
+    grad_sum, sums = sharded_sums(state.params, batch, step_rng)
+    return _apply_sums(apply_gradients, state, grad_sum, sums)
 
-    def body(carry, i):
-      grad_sum, sums = carry
-      grads, aux = grad_fn(state.params, microbatch(batch, i, n),
-                           jax.random.fold_in(step_rng, i))
-      grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32),
-                              grad_sum, grads)
-      sums = {k: sums[k] + aux[k].astype(jnp.float32) for k in sum_keys}
-      return (grad_sum, sums), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
-                         state.params)
-    init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
-    (grad_sum, sums), _ = jax.lax.scan(body, init, jnp.arange(n))
-    denom = jnp.maximum(sums["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum,
-                         state.params)
-    return apply_gradients(state, grads, sums["loss_sum"] / denom, sums)
-
-  return accumulating_train_step
+  return local_accumulation_train_step
 
 
 def jit_train_step(train_step, state_shardings, mesh):
@@ -281,6 +373,13 @@ class TrainLoopConfig:
     micro-batch (see make_train_step). `batch_size` must be divisible by n;
     keep batch_size / n divisible by the data-axis size of the mesh so
     every micro-batch stays spread over all devices.
+  local_accumulation: data parallelism only (the mesh's model axis is 1):
+    every data shard runs its rows' micro-batches without collectives and
+    the gradients are all-reduced once per step as one flat buffer
+    (`make_train_step`); batch_size must be a multiple of data-axis size x
+    num_microbatches. For slow links between devices (CPU processes, GPU
+    nodes over Ethernet); XLA's default reduces per parameter and
+    micro-batch.
   """
   train_steps: int
   batch_size: int
@@ -290,6 +389,7 @@ class TrainLoopConfig:
   eval_every: Optional[int] = None
   seed: int = 0
   num_microbatches: int = 1
+  local_accumulation: bool = False
 
   def __post_init__(self):
     self.validate()
@@ -306,11 +406,18 @@ class TrainLoopConfig:
 
 
 def _check_microbatch_layout(cfg: TrainLoopConfig, mesh) -> None:
-  """Warns when micro-batches cannot stay on the devices holding their rows."""
+  """Warns when micro-batches cannot stay on the devices holding their rows
+  (ValueError with local accumulation, where they must)."""
   n = cfg.num_microbatches
+  data = int(dict(mesh.shape).get(partitioning.DATA_AXIS, 1))
+  if cfg.local_accumulation and cfg.batch_size % (data * n):
+    raise ValueError(
+        f"TrainLoopConfig.local_accumulation=True runs "
+        f"TrainLoopConfig.num_microbatches={n} micro-batches on each of the "
+        f"{data} data shards, so TrainLoopConfig.batch_size="
+        f"{cfg.batch_size} must be a multiple of {data * n}")
   if n == 1:
     return
-  data = int(dict(mesh.shape).get(partitioning.DATA_AXIS, 1))
   if cfg.batch_size % (data * n):
     msg = (f"TrainLoopConfig.num_microbatches={n} does not divide the "
            f"{cfg.batch_size // data} rows per device of "
@@ -391,7 +498,9 @@ def train_loop(
   _check_microbatch_layout(cfg, mesh)
   step_fn = jit_train_step(
       make_train_step(model, tx, schedule,
-                      num_microbatches=cfg.num_microbatches), shardings, mesh)
+                      num_microbatches=cfg.num_microbatches,
+                      local_accumulation=cfg.local_accumulation, mesh=mesh),
+      shardings, mesh)
 
   preempted = {"flag": False}
 

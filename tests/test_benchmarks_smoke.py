@@ -136,6 +136,36 @@ def test_train_throughput_smoke_with_microbatches(smoke_data, tmp_path):
                                  "--output", str(out)])
 
 
+def test_train_throughput_smoke_two_processes(smoke_data, tmp_path):
+  """--num_processes=2: the launcher, jax.distributed over gloo, one flat
+  all-reduce a step (local accumulation), counts and peak of both."""
+  out = tmp_path / "train_mp.json"
+  train_throughput.main([
+      "--smoke", "--data_dir", smoke_data, "--modes",
+      "staged_packed,pipeline_padded", "--num_processes=2",
+      "--local_accumulation", "--num_microbatches=2", "--steps=2",
+      "--repeats=1", "--output", str(out)])
+  res = json.loads(out.read_text())
+  assert res["machine"]["command"] and res["process_machine"]["command"]
+  assert res["num_processes"] == 2 and res["local_accumulation"]
+  assert len(res["devices"]) == 2
+  peak = res["matmul_peak"]
+  assert len(peak["processes_together"][0]["per_process_best_gflops"]) == 2
+  assert peak["best_gflops"] >= peak["launcher_best_gflops"] > 0
+  batch = train_throughput.SMOKE_SIZES["batch_size"]
+  for mode in ("staged_packed", "pipeline_padded"):
+    m = res["modes"][mode]
+    # Both processes' rows: the global batch.
+    assert m["rows_per_step"] == batch, mode
+    assert m["mfu"] == pytest.approx(
+        m["achieved_gflops"] / peak["best_gflops"])
+  assert res["modes"]["pipeline_padded"]["users_per_row"] == 1.0
+  with pytest.raises(SystemExit):  # 4 rows per process do not split into 8
+    train_throughput.parse_args(["--smoke", "--num_processes=2",
+                                 "--num_microbatches=8", "--output",
+                                 str(out)])
+
+
 def test_eval_throughput_smoke(smoke_data, tmp_path):
   out = tmp_path / "eval.json"
   eval_throughput.main(["--smoke", "--data_dir", smoke_data,
@@ -215,6 +245,24 @@ def test_summarize_ratios_and_targets(tmp_path):
   assert "| staged_padded | 1.000 |" in text
   assert ("MFU target (>= 50% of the matmul peak): met on all cores (best "
           "52.0%, staged_padded, 4 micro-batches).") in text
+
+  # Multi-process rounds: their own rows, a RecBole comparison, the MFU.
+  for r in (1, 2):
+    _fake(res / f"train_throughput_mp_round{r}.json",
+          {"num_processes": 2, "num_microbatches": 4,
+           "local_accumulation": True,
+           "modes": {"staged_padded": dict(mode, step_time_s=0.6, mfu=0.61,
+                                           sequences_per_s=640.0),
+                     "pipeline_packed": dict(packed, mfu=0.55)},
+           "matmul_peak": {"best_gflops": 50.0}})
+  text = open(common.summarize(str(res), str(tmp_path / "RESULTS.md"))).read()
+  label = "2 processes (one per core), local accumulation of 4 micro-batches"
+  assert f"| staged_padded, {label} | 0.600 |" in text
+  assert f"| pipeline_packed, {label} | 1.000 |" in text
+  assert (f"| train, padded, pre-staged, {label}: sequences/s | 640 | 200 | "
+          "3.20x |") in text
+  assert ("MFU target (>= 50% of the matmul peak): met on all cores (best "
+          f"61.0%, staged_padded, {label}).") in text
 
 
 def test_summarize_head_change_record_and_quality(tmp_path):

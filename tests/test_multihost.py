@@ -8,7 +8,9 @@ module, in two phases of concurrent runs to keep the wall time down:
   phase 1  REF     1 process x 4 devices, N steps, evaluates at N.
            MP_A    2 processes x 2 devices, host_input='slice', SIGTERM after
                    step 1: both save the same checkpoint_k and stop.
-           SHARD   launch/local.sh, 2 x 2, host_input='shard', N steps + eval.
+           SHARD   launch/local.sh, 2 x 2, host_input='shard', N steps + eval,
+                   with local gradient accumulation (one flat all-reduce a
+                   step over gloo).
   phase 2  MP_B    MP_A resumed in 2 processes to N (same process count).
            ONE     a copy of MP_A's checkpoint_k resumed in 1 process x 4
                    devices to N (different process count).
@@ -38,6 +40,7 @@ N_STEPS = 20
 BATCH = 16
 SLICE = "--gin.input_pipeline.SequenceData.host_input='slice'"
 SHARD = "--gin.input_pipeline.SequenceData.host_input='shard'"
+LOCAL_ACCUMULATION = "--gin.trainer.TrainLoopConfig.local_accumulation=True"
 # Params after N steps: different all-reduce orders (gloo across processes vs
 # one process) differ in the last float32 bits, which Adam carries along.
 PARAM_TOL = dict(rtol=1e-4, atol=1e-6)
@@ -154,7 +157,8 @@ def _make_runs(r, data_dir, started):
   shard = subprocess.Popen(
       ["bash", os.path.join(helpers.REPO_ROOT, "launch", "local.sh"),
        f"--python={helpers.PYTHON}", "--num_processes=2", "--devices=2",
-       f"--port={port}", "--"] + _flags(data_dir, r.shard_dir, SHARD),
+       f"--port={port}", "--"] + _flags(data_dir, r.shard_dir, SHARD,
+                                         LOCAL_ACCUMULATION),
       cwd=helpers.REPO_ROOT, env=_env(None), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   started.append(shard)
@@ -253,9 +257,12 @@ def test_process_one_is_silent(runs):
 
 
 def test_shard_mode_trains_and_evaluates_every_user_once(runs):
-  """launch/local.sh, host_input='shard': both processes train and evaluate."""
+  """launch/local.sh, host_input='shard', local gradient accumulation: both
+  processes train and evaluate."""
   logs = [open(os.path.join(runs.shard_dir, f"process_{i}.log")).read()
           for i in range(2)]
+  with open(os.path.join(runs.shard_dir, "config.gin")) as f:
+    assert "local_accumulation = True" in f.read()
   assert helpers.progress_steps(logs[0]) == list(range(1, N_STEPS + 1))
   assert not helpers.progress_steps(logs[1]) and "[eval" not in logs[1]
   loss = _scalars(runs.shard_dir, "train/loss")

@@ -81,12 +81,13 @@ def _batches(*, nan_at=None, crash_at=None, sigterm_at=None, starts=None):
 
 
 def _fake_train(model_dir, batches, *, steps=7, checkpoint_every=3,
-                num_microbatches=1):
+                num_microbatches=1, local_accumulation=False):
   mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
   cfg = trainer.TrainLoopConfig(train_steps=steps, batch_size=_BATCH,
                                 log_every=1, checkpoint_every=checkpoint_every,
                                 keep_checkpoints=None,
-                                num_microbatches=num_microbatches)
+                                num_microbatches=num_microbatches,
+                                local_accumulation=local_accumulation)
   opt = trainer.OptimizerConfig(learning_rate=0.05, warmup_steps=0,
                                 decay="constant")
   return trainer.train_loop(_LinearModel(), opt, batches, cfg,
@@ -512,20 +513,35 @@ def test_num_microbatches_errors_name_the_setting(tmp_path):
   with pytest.raises(ValueError, match=r"num_microbatches=3 must divide the "
                      r"global batch size; batch\['x'\] has 4 rows"):
     jax.jit(step)(state, batch, jax.random.PRNGKey(0))
+  # Local accumulation: the mesh is needed, and data shards x n must divide
+  # the batch (the model-axis check runs with 8 devices, below).
+  with pytest.raises(ValueError, match=r"local_accumulation=True\) needs "
+                     r"the mesh"):
+    trainer.make_train_step(model, tx, schedule, local_accumulation=True)
+  mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
+  step = trainer.make_train_step(model, tx, schedule, num_microbatches=3,
+                                 local_accumulation=True, mesh=mesh)
+  with pytest.raises(ValueError, match=r"num_microbatches=3 micro-batches on "
+                     r"each of 1 data shards, so 3 must divide the global "
+                     r"batch size; batch\['x'\] has 4 rows"):
+    jax.jit(step)(state, batch, jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize("local_accumulation", [False, True])
 def test_train_loop_passes_num_microbatches(tmp_path, uninterrupted,
-                                            monkeypatch):
+                                            monkeypatch, local_accumulation):
   built = []
   make = trainer.make_train_step
 
   def recording(*args, **kwargs):
-    built.append(kwargs.get("num_microbatches", 1))
+    built.append((kwargs.get("num_microbatches", 1),
+                  kwargs.get("local_accumulation", False)))
     return make(*args, **kwargs)
 
   monkeypatch.setattr(trainer, "make_train_step", recording)
-  state = _fake_train(tmp_path, _batches(), num_microbatches=2)
-  assert built == [2]
+  state = _fake_train(tmp_path, _batches(), num_microbatches=2,
+                      local_accumulation=local_accumulation)
+  assert built == [(2, local_accumulation)]
   assert int(state.step) == 7
   # The fake model's loss is a sum over rows: the same training, up to
   # float rounding.
@@ -556,9 +572,12 @@ model, tx, schedule, batch = accumulation_case(rows=32)
 rng = jax.random.PRNGKey(1)
 # (name, model parallelism (0: one device), rules, n). data8 with n = 8
 # leaves 4 rows per micro-batch for 8 devices: those must be resharded.
+# "local": make_train_step(local_accumulation=True).
 RUNS = [("single", 0, "data_parallel", 1), ("data8", 1, "data_parallel", 2),
         ("data8", 1, "data_parallel", 4), ("data8", 1, "data_parallel", 8),
-        ("data4_model2", 2, "vocab_parallel", 4)]
+        ("data4_model2", 2, "vocab_parallel", 4),
+        ("data8_local", 1, "data_parallel", 1),
+        ("data8_local", 1, "data_parallel", 4)]
 result = {}
 for name, mp, rules_name, n in RUNS:
   mesh = (partitioning.make_mesh(1, devices=jax.devices()[:1]) if mp == 0
@@ -568,16 +587,28 @@ for name, mp, rules_name, n in RUNS:
                                            mesh, rules)
   state = favour_easy_item(state)
   step_fn = trainer.jit_train_step(
-      trainer.make_train_step(model, tx, schedule, num_microbatches=n),
+      trainer.make_train_step(model, tx, schedule, num_microbatches=n,
+                              local_accumulation=name.endswith("_local"),
+                              mesh=mesh),
       shardings, mesh)
   global_batch = partitioning.host_to_global(batch, mesh)
   with partitioning.with_rules(rules, mesh):
     compiled = step_fn.lower(state, global_batch, rng).compile()
     new_state, metrics = compiled(state, global_batch, rng)
+  hlo = compiled.as_text()
   # Arrays that collectives move between devices (reductions aside).
   moved = sorted(set(re.findall(
       r"= (\S+) (?:all-gather|all-to-all|collective-permute)(?:-start)?\(",
-      compiled.as_text())))
+      hlo)))
+  # Each all-reduce: (the computation holding it, its result shape).
+  reduces, computation = [], None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      computation = ("ENTRY" if line.startswith("ENTRY")
+                     else line.split()[0])
+    found = re.search(r"= (.+?) all-reduce(?:-start)?\(", line)
+    if found:
+      reduces.append([computation, found.group(1)])
   result[f"{name}/{n}"] = {
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},
@@ -587,7 +618,23 @@ for name, mp, rules_name, n in RUNS:
           a.sharding == b for a, b in zip(jax.tree.leaves(new_state.params),
                                           jax.tree.leaves(shardings.params))),
       "moved": moved,
+      "all_reduces": reduces,
   }
+# Local accumulation refuses a model axis and a batch that the data shards'
+# micro-batches do not divide (named by the loop's settings).
+errors = []
+try:
+  trainer.make_train_step(model, tx, schedule, local_accumulation=True,
+                          mesh=partitioning.make_mesh(2))
+except ValueError as e:
+  errors.append(str(e))
+cfg = trainer.TrainLoopConfig(train_steps=1, batch_size=32,
+                              num_microbatches=8, local_accumulation=True)
+try:
+  trainer._check_microbatch_layout(cfg, partitioning.make_mesh(1))
+except ValueError as e:
+  errors.append(str(e))
+result["errors"] = errors
 with open(out_path, "w") as f:
   json.dump(result, f)
 """
@@ -605,7 +652,8 @@ def test_microbatched_sharded_step_equals_single_device(tmp_path):
   assert single["mesh"] == {"data": 1, "model": 1}
   assert res["data8/2"]["mesh"] == {"data": 8, "model": 1}
   assert res["data4_model2/4"]["mesh"] == {"data": 4, "model": 2}
-  for key in ("data8/2", "data8/4", "data8/8", "data4_model2/4"):
+  for key in ("data8/2", "data8/4", "data8/8", "data4_model2/4",
+              "data8_local/1", "data8_local/4"):
     run = res[key]
     assert run["params_sharding_equal"], key
     for k in _MB_METRICS:
@@ -624,3 +672,18 @@ def test_microbatched_sharded_step_equals_single_device(tmp_path):
   assert not moves_ids(res["data8/2"]), res["data8/2"]["moved"]
   assert not moves_ids(res["data8/4"]), res["data8/4"]["moved"]
   assert moves_ids(res["data8/8"]), res["data8/8"]["moved"]
+  # Local accumulation: one all-reduce a step, of one flat float32 buffer
+  # (every gradient and the 3 metric sums), in the entry computation; XLA's
+  # default reduces a tuple of every parameter's gradient inside the
+  # micro-batch loop's body.
+  n_params = sum(np.asarray(v).size for v in single["params"].values())
+  for key in ("data8_local/1", "data8_local/4"):
+    assert res[key]["all_reduces"] == [["ENTRY", f"f32[{n_params + 3}]{{0}}"]], (
+        key, res[key]["all_reduces"])
+  default = res["data8/4"]["all_reduces"]
+  assert default and all(c != "ENTRY" and s.startswith("(")
+                         for c, s in default), default
+  assert len(res["errors"]) == 2, res["errors"]
+  assert "model axis of 2" in res["errors"][0], res["errors"]
+  assert ("TrainLoopConfig.batch_size=32 must be a multiple of 64"
+          in res["errors"][1]), res["errors"]
