@@ -95,6 +95,42 @@ def package_versions() -> Dict[str, str]:
   return out
 
 
+# Environment of every process of a multi-process run on this machine.
+PROCESS_ENV = {"JAX_PLATFORMS": "cpu", "RECSYS_CPU_COLLECTIVES": "gloo"}
+
+
+def pinned_commands(cmd: List[str], num_processes: int,
+                    add_num_processes: bool = True) -> List[List[str]]:
+  """`cmd` as process i of a data-parallel run on loopback, for each i.
+
+  Process i runs under `taskset -c` on its block of this process's cores
+  (cores / num_processes each, at least one; as `launch/local.sh
+  --pin_cores`), with `--coordinator_address=127.0.0.1:PORT` (a free port)
+  and `--process_id=i` (and `--num_processes=N` if `add_num_processes`)
+  appended. Run them with `PROCESS_ENV` added to the environment.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  taskset = shutil.which("taskset")
+  if not taskset:
+    raise SystemExit(f"{num_processes} pinned processes need `taskset` "
+                     "(util-linux), which is not on PATH")
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  cores = sorted(os.sched_getaffinity(0))
+  per = max(1, len(cores) // num_processes)
+  out = []
+  for i in range(num_processes):
+    first = (i * per) % len(cores)
+    pin = ",".join(str(c) for c in cores[first:first + per])
+    flags = [f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
+    if add_num_processes:
+      flags.append(f"--num_processes={num_processes}")
+    out.append([taskset, "-c", pin, *cmd, *flags])
+  return out
+
+
 def machine_info() -> Dict[str, Any]:
   """CPU, cores, memory, versions, date, load and the exact command."""
   try:

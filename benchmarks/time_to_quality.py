@@ -25,6 +25,9 @@ The run stops (SIGTERM: the trainer saves a checkpoint and exits) after
 Pin it to cores as any command (`taskset -c 0 python -m ...`). Needs
 `../shared/data/amazon_beauty` (prepared into `--data_dir` on first use);
 without it the benchmark exits with a message and writes nothing.
+`--num_processes=N` trains with N data-parallel processes pinned to blocks of
+the cores, with local gradient accumulation (what `launch/local.sh
+--num_processes=N --pin_cores` starts; process 0's lines are read).
 `--smoke` runs the synthetic quick-start config for a few steps.
 """
 
@@ -101,6 +104,35 @@ class RunLog:
     return point
 
 
+def _start(cmd: List[str], env: Dict[str, str], num_processes: int,
+           model_dir: str) -> List[subprocess.Popen]:
+  """The training process(es); process 0's output is piped.
+
+  Several processes form one data-parallel run over jax.distributed on
+  loopback (gloo), process i pinned with `taskset` to its block of this
+  process's cores, as `launch/local.sh --num_processes=N --pin_cores` runs
+  them; processes 1.. log to MODEL_DIR/process_<i>.log.
+  """
+  if num_processes == 1:
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             cwd=common.REPO_ROOT)]
+  env = dict(env, **common.PROCESS_ENV)
+  os.makedirs(model_dir, exist_ok=True)
+  procs = []
+  for i, full in enumerate(common.pinned_commands(cmd, num_processes)):
+    if i == 0:
+      procs.append(subprocess.Popen(full, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    env=env, cwd=common.REPO_ROOT))
+      continue
+    with open(os.path.join(model_dir, f"process_{i}.log"), "w") as out:
+      procs.append(subprocess.Popen(full, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env,
+                                    cwd=common.REPO_ROOT))
+  return procs
+
+
 def run(args) -> Dict[str, Any]:
   model_dir = args.model_dir or tempfile.mkdtemp(prefix="ttq_")
   # A step line right before every evaluation times the evaluation from it.
@@ -112,15 +144,22 @@ def run(args) -> Dict[str, Any]:
   if args.data_dir:
     cmd.append(f"--gin.DATA_DIR='{args.data_dir}'")
   cmd += [f"--gin.{g}" for g in args.gin]
+  if args.num_processes > 1:
+    cmd.append("--gin.trainer.TrainLoopConfig.local_accumulation=True")
   print("running:", " ".join(cmd), flush=True)
   log = RunLog()
   env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=common.REPO_ROOT)
+  procs = _start(cmd, env, args.num_processes, model_dir)
+  proc = procs[0]  # process 0 prints the progress and evaluation lines
+
+  def stop():
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+
   reached = None
   stop_reason = "schedule end"
-  timer = threading.Timer(args.budget_s, proc.send_signal, [signal.SIGTERM])
+  timer = threading.Timer(args.budget_s, stop)
   timer.start()
   tail = collections.deque(maxlen=40)
   try:
@@ -136,10 +175,13 @@ def run(args) -> Dict[str, Any]:
         reached = point
         if args.stop_at_target:
           stop_reason = "target reached"
-          proc.send_signal(signal.SIGTERM)
+          stop()
   finally:
     timer.cancel()
     rc = proc.wait()
+    others = [p.wait() for p in procs[1:]]
+  if any(others):
+    rc = rc or next(c for c in others if c)
   wall = time.perf_counter() - log.t0
   if wall >= args.budget_s and stop_reason != "target reached":
     stop_reason = "budget"
@@ -156,7 +198,7 @@ def run(args) -> Dict[str, Any]:
       "system": "recsys_jax",
       "benchmark": "time_to_quality",
       "gin_file": args.gin_file, "gin_overrides": args.gin,
-      "train_command": " ".join(cmd),
+      "train_command": " ".join(cmd), "num_processes": args.num_processes,
       "budget_s": args.budget_s, "eval_every_steps": args.eval_every,
       "target_ndcg@10": args.target_ndcg, "stop_reason": stop_reason,
       "exit_code": rc, "protocol": final["protocol"],
@@ -190,6 +232,11 @@ def main(argv=None):
                  help="EVAL_EVERY in steps (test metrics at each)")
   p.add_argument("--log_every", type=int, default=100,
                  help="progress lines every gcd(this, --eval_every) steps")
+  p.add_argument("--num_processes", type=int, default=1,
+                 help="> 1: data parallel over this many training processes "
+                 "on this machine, each pinned to its block of the cores, "
+                 "with TrainLoopConfig.local_accumulation=True "
+                 "(launch/local.sh --pin_cores runs them so)")
   p.add_argument("--target_ndcg", type=float, default=0.040)
   p.add_argument("--stop_at_target", action="store_true")
   p.add_argument("--verbose", action="store_true",
@@ -198,6 +245,8 @@ def main(argv=None):
                  help="synthetic quick-start config, a few steps")
   p.add_argument("--output", default=None)
   args = p.parse_args(argv)
+  if args.num_processes < 1:
+    p.error(f"--num_processes={args.num_processes}: expected >= 1")
   machine = common.machine_info()
   if args.smoke:
     args.gin_file = SMOKE_GIN

@@ -521,34 +521,23 @@ def launch_processes(args, argv) -> Dict[str, Any]:
   """Runs this script as `--num_processes` pinned processes; merges output.
 
   The launcher (unpinned) first measures the whole machine's matmul peak as
-  the one-process modes do; process i runs on core i (mod the usable cores)
-  and the processes measure their cores' peaks together again. MFU is taken
+  the one-process modes do; process i runs on its block of the usable cores
+  (`common.pinned_commands`) and the processes measure their cores' peaks
+  together again. MFU is taken
   against the larger of the two, so splitting the machine cannot flatter it.
   """
-  import shutil  # pylint: disable=g-import-not-at-top
-  import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   machine = common.machine_info()
   data = common.ensure_beauty_or_synthetic(args.data_dir)  # once, not racing
   del data
   peak = common.measure_matmul_peak(args.matmul_n)
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  cores = sorted(os.sched_getaffinity(0))
   argv = list(sys.argv[1:] if argv is None else argv)
-  taskset = shutil.which("taskset")
-  if not taskset:
-    raise SystemExit("--num_processes > 1 pins each process to a core with "
-                     "`taskset` (util-linux), which is not on PATH")
-  procs = []
-  for i in range(args.num_processes):
-    cmd = [taskset, "-c", str(cores[i % len(cores)]), sys.executable,
-           os.path.abspath(__file__), *argv, f"--process_id={i}",
-           f"--coordinator_address=127.0.0.1:{port}",
-           f"--machine_peak_gflops={peak['best_gflops']}"]
-    procs.append(subprocess.Popen(cmd, env=dict(os.environ,
-                                                JAX_PLATFORMS="cpu")))
+  cmds = common.pinned_commands(
+      [sys.executable, os.path.abspath(__file__), *argv,
+       f"--machine_peak_gflops={peak['best_gflops']}"],
+      args.num_processes, add_num_processes=False)
+  procs = [subprocess.Popen(cmd, env=dict(os.environ, **common.PROCESS_ENV))
+           for cmd in cmds]
   codes = [p.wait() for p in procs]
   if any(codes):
     raise SystemExit(f"--num_processes={args.num_processes}: process exit "

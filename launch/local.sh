@@ -31,6 +31,12 @@ Options:
                         --num_processes=N --process_id=i, JAX_PLATFORMS=cpu,
                         RECSYS_CPU_COLLECTIVES=gloo), wait for all, stop the rest
                         and exit non-zero as soon as one fails.
+  --pin_cores         With --num_processes: pin each process to its own block
+                        of the cores this shell may use (`taskset -c`; process
+                        i gets cores [i*k, (i+1)*k) of them, k = cores / N,
+                        at least 1). On a CPU machine, N single-core processes
+                        with TrainLoopConfig.local_accumulation=True train
+                        faster than one process on all cores (docs/SCALING.md).
   --port=PORT         Coordinator port for --num_processes (default 8476).
   --log_dir=DIR       Where --num_processes writes process_<i>.log. Default:
                         the --gin.MODEL_DIR in ARGS, else runs/local_logs.
@@ -44,6 +50,9 @@ Examples:
       --gin.MODEL_DIR="'runs/qs8'"
   launch/local.sh --num_processes=2 --devices=2 -- \
       --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'runs/qs_mp'"
+  launch/local.sh --num_processes=2 --pin_cores -- \
+      --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'runs/qs_pinned'" \
+      --gin.trainer.TrainLoopConfig.local_accumulation=True
 EOF
 }
 
@@ -52,6 +61,7 @@ python=""
 devices=""
 num_processes=""
 port="8476"
+pin_cores=0
 log_dir=""
 extra=()
 
@@ -65,6 +75,7 @@ while (($#)); do
     --num_processes|--num_processes=*)
       launch_value "$1"; num_processes="$LAUNCH_VALUE" ;;
     --port|--port=*) launch_value "$1"; port="$LAUNCH_VALUE" ;;
+    --pin_cores) pin_cores=1 ;;
     --log_dir|--log_dir=*) launch_value "$1"; log_dir="$LAUNCH_VALUE" ;;
     --) shift; extra=("$@"); break ;;
     -*) launch_die "unknown option '$1' (entry-point arguments go after --)" ;;
@@ -78,10 +89,16 @@ case "$mode" in
   *) launch_die "--mode must be one of train, eval, export, quickstart; got '$mode'" ;;
 esac
 [[ -z "$devices" ]] || launch_require_int --devices "$devices"
+if ((pin_cores)) && [[ -z "$num_processes" ]]; then
+  launch_die "--pin_cores needs --num_processes"
+fi
 launch_require_int --port "$port"
 if [[ -n "$num_processes" ]]; then
   launch_require_int --num_processes "$num_processes"
   [[ "$mode" == train ]] || launch_die "--num_processes needs --mode=train, got --mode=$mode"
+  if ((pin_cores)) && ! command -v taskset >/dev/null; then
+    launch_die "--pin_cores needs taskset (util-linux), which is not on PATH"
+  fi
   for arg in "${extra[@]+"${extra[@]}"}"; do
     case "$arg" in
       --coordinator_address*|--num_processes*|--process_id*)
@@ -118,14 +135,44 @@ run_entry() {
     "$python" -m "recsys_jax.$module" "$@"
 }
 
+# affinity_cores: the cores this shell may run on, one per line ("0-2,5" ->
+# 0 1 2 5).
+affinity_cores() {
+  local list part
+  list=$(taskset -cp $$)
+  list="${list##*: }"
+  IFS=, read -ra parts <<<"$list"
+  for part in "${parts[@]}"; do
+    if [[ "$part" == *-* ]]; then
+      seq "${part%-*}" "${part#*-}"
+    else
+      echo "$part"
+    fi
+  done
+}
+
 run_multiprocess() {
   local n="$num_processes" i
   local dir="${log_dir:-$(launch_model_dir "${extra[@]+"${extra[@]}"}")}"
   dir="${dir:-runs/local_logs}"
   local env=("${base_env[@]}" RECSYS_CPU_COLLECTIVES=gloo)
-  local cmds=()
+  # pin[i]: "taskset -c CORES" for process i (empty without --pin_cores).
+  local pin=() cores=() per first
+  if ((pin_cores)); then
+    mapfile -t cores < <(affinity_cores)
+    per=$(( ${#cores[@]} / n ))
+    ((per >= 1)) || per=1
+    for ((i = 0; i < n; i++)); do
+      first=$(( (i * per) % ${#cores[@]} ))
+      pin+=("$(IFS=,; echo "${cores[*]:first:per}")")
+    done
+  fi
+  local cmds=() prefix
   for ((i = 0; i < n; i++)); do
-    cmds+=("$(launch_format "${#env[@]}" "${env[@]}" "$python" -m recsys_jax.train \
+    prefix=()
+    ((pin_cores)) && prefix=(taskset -c "${pin[$i]}")
+    cmds+=("$(launch_format "${#env[@]}" "${env[@]}" \
+      "${prefix[@]+"${prefix[@]}"}" "$python" -m recsys_jax.train \
       "--coordinator_address=127.0.0.1:$port" "--num_processes=$n" \
       "--process_id=$i" "${extra[@]+"${extra[@]}"}")")
   done
@@ -138,7 +185,9 @@ run_multiprocess() {
   mkdir -p "$dir"
   local pids=()
   for ((i = 0; i < n; i++)); do
-    env "${env[@]}" "$python" -m recsys_jax.train \
+    prefix=()
+    ((pin_cores)) && prefix=(taskset -c "${pin[$i]}")
+    env "${env[@]}" "${prefix[@]+"${prefix[@]}"}" "$python" -m recsys_jax.train \
       "--coordinator_address=127.0.0.1:$port" "--num_processes=$n" \
       "--process_id=$i" "${extra[@]+"${extra[@]}"}" \
       >"$dir/process_$i.log" 2>&1 &

@@ -311,6 +311,24 @@ def test_summarize_head_change_record_and_quality(tmp_path):
           "(step 250, 100 s): 0.0600 / 0.0300 |") in text
 
 
+def test_time_to_quality_smoke_two_processes(smoke_data, tmp_path):
+  """--num_processes=2: pinned processes with local accumulation; process
+  0's evaluation lines are read, process 1 logs to the run directory."""
+  run_dir = tmp_path / "run"
+  res = time_to_quality.main([
+      "--smoke", "--data_dir", smoke_data, "--num_processes=2",
+      "--model_dir", str(run_dir), "--output", str(tmp_path / "ttq.json")])
+  assert res["num_processes"] == 2 and res["exit_code"] == 0
+  assert res["stop_reason"] == "schedule end"
+  assert res["train_command"].endswith(
+      "--gin.trainer.TrainLoopConfig.local_accumulation=True")
+  assert [p["step"] for p in res["points"]] == [10, 20]
+  assert all(p["users"] == 120 for p in res["points"])
+  assert "local_accumulation = True" in (run_dir / "config.gin").read_text()
+  log1 = (run_dir / "process_1.log").read_text()
+  assert "Traceback" not in log1
+
+
 def test_time_to_quality_log_parsing():
   log = time_to_quality.RunLog()
   t0 = log.t0

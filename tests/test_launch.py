@@ -169,6 +169,36 @@ def test_local_num_processes_dry_run():
   assert ids == ["0", "1", "2"]
 
 
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="no taskset")
+def test_local_pin_cores_gives_each_process_its_cores():
+  cores = sorted(os.sched_getaffinity(0))
+
+  def pins(allowed, n):
+    proc = subprocess.run(
+        ["taskset", "-c", ",".join(map(str, allowed)), "bash", LOCAL,
+         "--dry_run", "--python=py", f"--num_processes={n}", "--pin_cores"],
+        capture_output=True, text=True, env=_env(), timeout=30)
+    out = []
+    for words in (shlex.split(l) for l in _lines(proc)[1:]):
+      at = words.index("taskset")
+      assert words[at + 1] == "-c" and words[at + 3:at + 6] == [
+          "py", "-m", "recsys_jax.train"], words
+      out.append(words[at + 2])
+    return out
+
+  one = cores[0]
+  # More processes than cores: they share them, in turn.
+  assert pins([one], 2) == [str(one), str(one)]
+  if len(cores) >= 2:
+    a, b = cores[:2]
+    assert pins([a, b], 2) == [str(a), str(b)]
+    assert pins([a, b], 1) == [f"{a},{b}"]  # one process: all its cores
+  # Without --num_processes, --pin_cores is an error.
+  proc = _run(LOCAL, "--dry_run", "--python=py", "--pin_cores")
+  assert proc.returncode == 2 and "--pin_cores needs --num_processes" in (
+      proc.stderr)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--num_processes=2", "--mode=eval"], "--num_processes needs --mode=train"),
     (["--num_processes=0"], "--num_processes must be an integer >= 1"),
