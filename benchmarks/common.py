@@ -577,12 +577,22 @@ def _quality_section(ours: List[Dict[str, Any]],
   def minutes(t):
     return "not reached" if t is None else _fmt(t / 60, 1) + " min"
 
+  def our_name(r):
+    date = r.get("machine", {}).get("date_utc", "")[:10]
+    name = (f"recsys_jax {os.path.basename(r.get('gin_file', ''))}"
+            + (f" ({date})" if date else ""))
+    if r.get("num_processes", 1) > 1:
+      name += f", {r['num_processes']} pinned processes, local accumulation"
+    return name
+
   rows = []
   for r in ours + peers:
     final = r.get("final_test", {})
     hr = final.get("hr@10", final.get("hit@10"))
     if r.get("system") == "recsys_jax":
-      name = f"recsys_jax {os.path.basename(r.get('gin_file', ''))}"
+      name = our_name(r)
+      if r.get("stop_reason") == "target reached":
+        name += " (stopped at the target)"
       trained = r.get("points", [{}])[-1].get("train_s")
       epochs = None
     else:
@@ -605,12 +615,14 @@ def _quality_section(ours: List[Dict[str, Any]],
       if not within:
         continue
       p = within[-1]
+      stopped = (", stopped at the target" if p is r["points"][-1] and
+                 r.get("stop_reason") == "target reached" else "")
       final = peer.get("final_test", {})
       equal.append(
           f"| {_fmt(budget)} | {peer.get('peer')}: {_fmt(final.get('hit@10'), 4)}"
-          f" / {_fmt(final.get('ndcg@10'), 4)} | recsys_jax "
-          f"{os.path.basename(r.get('gin_file', ''))} (step {p.get('step')}, "
-          f"{_fmt(p.get('train_s'))} s): {_fmt(p['test'].get('hr@10'), 4)} / "
+          f" / {_fmt(final.get('ndcg@10'), 4)} | {our_name(r)} (step "
+          f"{p.get('step')}, {_fmt(p.get('train_s'))} s{stopped}): "
+          f"{_fmt(p['test'].get('hr@10'), 4)} / "
           f"{_fmt(p['test'].get('ndcg@10'), 4)} |")
   if equal:
     equal = ["Equal training budget: RecBole's result at the end of its "

@@ -304,11 +304,29 @@ def test_summarize_head_change_record_and_quality(tmp_path):
   text = open(common.summarize(str(res), str(tmp_path / "R.md"))).read()
   assert "| RecBole 1.2.1 SASRec | 120 | 121 | 0.50 | 0.0500 | 0.0250 |" in text
   assert "not reached" in text
-  assert ("| recsys_jax x.gin | 900 | 300 | n/a | 0.0700 | 0.0410 | 0.0410 | "
-          "4.0 min | 5.0 min |") in text
+  # Our runs are named by gin file and date (the same file is rerun).
+  day = json.loads((res / "ours_quality_sasrec.json").read_text())[
+      "machine"]["date_utc"][:10]
+  assert (f"| recsys_jax x.gin ({day}) | 900 | 300 | n/a | 0.0700 | 0.0410 | "
+          "0.0410 | 4.0 min | 5.0 min |") in text
   # Equal budget: RecBole's 120 training seconds against our step 250.
   assert ("| 120 | RecBole 1.2.1 SASRec: 0.0500 / 0.0250 | recsys_jax x.gin "
-          "(step 250, 100 s): 0.0600 / 0.0300 |") in text
+          f"({day}) (step 250, 100 s): 0.0600 / 0.0300 |") in text
+  # A run stopped at the target, in two processes, says so.
+  _fake(res / "ours_quality_sasrec.json",
+        {"system": "recsys_jax", "gin_file": "gin/experiments/x.gin",
+         "budget_s": 900.0, "target_ndcg@10": 0.04, "num_processes": 2,
+         "stop_reason": "target reached",
+         "points": [{"train_s": 100.0, "step": 250,
+                     "test": {"hr@10": 0.07, "ndcg@10": 0.041}}],
+         "final_test": {"hr@10": 0.07, "ndcg@10": 0.041},
+         "best_test_ndcg@10": 0.041, "time_to_target_train_s": 100.0,
+         "time_to_target_wall_s": 150.0})
+  text = open(common.summarize(str(res), str(tmp_path / "R.md"))).read()
+  assert (f"| recsys_jax x.gin ({day}), 2 pinned processes, local accumulation"
+          " (stopped at the target) | 900 | 100 |") in text
+  assert (f"recsys_jax x.gin ({day}), 2 pinned processes, local accumulation "
+          "(step 250, 100 s, stopped at the target): 0.0700 / 0.0410 |") in text
 
 
 def test_time_to_quality_smoke_two_processes(smoke_data, tmp_path):
