@@ -263,6 +263,18 @@ def test_summarize_ratios_and_targets(tmp_path):
           "3.20x |") in text
   assert ("MFU target (>= 50% of the matmul peak): met on all cores (best "
           f"61.0%, staged_padded, {label}).") in text
+  # The conservative column: GFLOP/s over the highest peak of any run.
+  _fake(res / "train_throughput_mp_round2.json",
+        {"num_processes": 2, "num_microbatches": 4,
+         "local_accumulation": True,
+         "modes": {"staged_padded": dict(mode, step_time_s=0.6, mfu=0.61,
+                                         sequences_per_s=640.0)},
+         "matmul_peak": {"best_gflops": 80.0}})
+  text = open(common.summarize(str(res), str(tmp_path / "RESULTS.md"))).read()
+  assert f"| staged_padded, {label} | 0.600 |" in text
+  assert "| 20.0 | 61.0% | 25.0% |" in text  # 20 GFLOP/s of 80
+  assert ("Against the highest peak of any run (80.0 GFLOP/s) the best on "
+          "all cores is 25.0%") in text
 
 
 def test_summarize_head_change_record_and_quality(tmp_path):
