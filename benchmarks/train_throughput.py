@@ -27,7 +27,7 @@ micro-batches of batch / n rows, one update); it is recorded in the JSON.
 
 `--num_processes=k` runs the modes as data parallelism over k processes on
 this machine (the launcher starts them, each pinned with `taskset` to its own
-core and holding one CPU device, joined by jax.distributed over loopback with
+block of the cores (one core each when k = cores) and holding one CPU device, joined by jax.distributed over loopback with
 gloo collectives); the global batch stays the issue's 256 rows (256 / k per
 process). MFU is then taken against the larger of the launcher's whole-machine
 peak and the sum of the processes' peaks measured together.
@@ -292,9 +292,9 @@ def parse_args(argv=None):
   p.add_argument("--matmul_n", type=int, default=4096)
   p.add_argument("--num_processes", type=int, default=1,
                  help="> 1: data parallel over this many processes on this "
-                 "machine, each pinned to its own core and holding one CPU "
-                 "device, over jax.distributed on loopback (gloo); the "
-                 "global batch stays --batch_size (issue sizes)")
+                 "machine, each pinned to its block of the cores and holding "
+                 "one CPU device, over jax.distributed on loopback (gloo); "
+                 "the global batch stays --batch_size (issue sizes)")
   p.add_argument("--local_accumulation", action="store_true",
                  help="the step of TrainLoopConfig.local_accumulation: each "
                  "device runs its rows' micro-batches and the gradients are "
@@ -523,13 +523,12 @@ def launch_processes(args, argv) -> Dict[str, Any]:
   The launcher (unpinned) first measures the whole machine's matmul peak as
   the one-process modes do; process i runs on its block of the usable cores
   (`common.pinned_commands`) and the processes measure their cores' peaks
-  together again. MFU is taken
-  against the larger of the two, so splitting the machine cannot flatter it.
+  together again. MFU is taken against the larger of the two, so splitting
+  the machine cannot flatter it.
   """
   import subprocess  # pylint: disable=g-import-not-at-top
   machine = common.machine_info()
-  data = common.ensure_beauty_or_synthetic(args.data_dir)  # once, not racing
-  del data
+  common.ensure_beauty_or_synthetic(args.data_dir)  # once, not racing
   peak = common.measure_matmul_peak(args.matmul_n)
   argv = list(sys.argv[1:] if argv is None else argv)
   cmds = common.pinned_commands(
@@ -551,10 +550,12 @@ def launch_processes(args, argv) -> Dict[str, Any]:
   return result
 
 
-def _distributed_peak(args) -> Dict[str, Any]:
-  """Matmul peak of all processes' cores at once, or None for one process."""
+def _measure_peak(args) -> Dict[str, Any]:
+  """The matmul peak now: this process's (`best_gflops`), or with several
+  processes all of theirs measured at once (`per_process_best_gflops`,
+  `sum_best_gflops`)."""
   if jax.process_count() == 1:
-    return None
+    return common.measure_matmul_peak(args.matmul_n)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from recsys_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.barrier("matmul_peak")
@@ -606,9 +607,7 @@ def main(argv=None):
       "loss_chunk_rows": args.loss_chunk_rows,
       "num_processes": jax.process_count(),
       "local_accumulation": args.local_accumulation, "modes": {}}
-  peaks = [common.measure_matmul_peak(args.matmul_n)]
-  if jax.process_count() > 1:
-    peaks = [_distributed_peak(args)]
+  peaks = [_measure_peak(args)]
 
   for packed in (False, True):
     kind = "packed" if packed else "padded"
@@ -644,10 +643,7 @@ def main(argv=None):
       res["flops_per_row_forward"] = setup.flops_breakdown
       res["padded_vocab"] = setup.padded_vocab
       result["modes"][mode] = res
-    if jax.process_count() > 1:
-      peaks.append(_distributed_peak(args))
-    else:
-      peaks.append(common.measure_matmul_peak(args.matmul_n))
+    peaks.append(_measure_peak(args))
 
   if jax.process_count() > 1:
     # The machine's peak: the launcher's whole-machine measurement or all

@@ -156,7 +156,7 @@ run_multiprocess() {
   local dir="${log_dir:-$(launch_model_dir "${extra[@]+"${extra[@]}"}")}"
   dir="${dir:-runs/local_logs}"
   local env=("${base_env[@]}" RECSYS_CPU_COLLECTIVES=gloo)
-  # pin[i]: "taskset -c CORES" for process i (empty without --pin_cores).
+  # pin[i]: the core list ("0" or "0,1") of process i, with --pin_cores.
   local pin=() cores=() per first
   if ((pin_cores)); then
     mapfile -t cores < <(affinity_cores)

@@ -170,11 +170,10 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
   them would gather them for the step).
   """
   num_microbatches = _check_num_microbatches(num_microbatches)
+  apply_gradients = _update_fn(tx, schedule)
   if local_accumulation:
     return _local_accumulation_step(model, num_microbatches, mesh,
-                                    _update_fn(tx, schedule))
-
-  apply_gradients = _update_fn(tx, schedule)
+                                    apply_gradients)
   if num_microbatches == 1:
     def train_step(state: TrainState, batch, rng):
       step_rng = jax.random.fold_in(rng, state.step)
@@ -189,11 +188,8 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
 
   def accumulating_train_step(state: TrainState, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      if x.shape[0] % n:
-        raise ValueError(
-            f"num_microbatches={n} must divide the global batch size; "
-            f"batch{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+    _check_batch_rows(batch, n, f"num_microbatches={n} must divide the "
+                      "global batch size")
     grad_sum, sums = _accumulate(grad_fn, state.params, batch, step_rng, n)
     return _apply_sums(apply_gradients, state, grad_sum, sums)
 
@@ -201,6 +197,15 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
 
 
 _SUM_KEYS = ("loss_sum", "weight_sum", "correct_sum")
+
+
+def _check_batch_rows(batch, multiple: int, requirement: str) -> None:
+  """ValueError `requirement` naming the first batch array whose rows are
+  not a multiple of `multiple` (shapes are static: checked at trace time)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    if x.shape[0] % multiple:
+      raise ValueError(f"{requirement}; batch{jax.tree_util.keystr(path)} "
+                       f"has {x.shape[0]} rows")
 
 
 def _update_fn(tx, schedule) -> Callable:
@@ -294,13 +299,11 @@ def _local_accumulation_step(model, n: int, mesh, apply_gradients
       out_specs=spec(), check_vma=False)
 
   def local_accumulation_train_step(state: TrainState, batch, rng):
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      if x.shape[0] % (shards * n):
-        raise ValueError(
-            f"local gradient accumulation runs num_microbatches={n} "
-            f"micro-batches on each of {shards} data shards, so {shards * n} "
-            f"must divide the global batch size; batch"
-            f"{jax.tree_util.keystr(path)} has {x.shape[0]} rows")
+    _check_batch_rows(
+        batch, shards * n,
+        f"local gradient accumulation runs num_microbatches={n} "
+        f"micro-batches on each of {shards} data shards, so {shards * n} "
+        "must divide the global batch size")
     step_rng = jax.random.fold_in(rng, state.step)
     grad_sum, sums = sharded_sums(state.params, batch, step_rng)
     return _apply_sums(apply_gradients, state, grad_sum, sums)
