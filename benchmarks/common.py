@@ -473,7 +473,7 @@ def _met(ratio: Optional[float], target: float) -> str:
 
 
 # The record of the output-layer change (profiling-driven; now
-# `recsys_jax.losses.tied_softmax_cross_entropy`): the runs that timed the
+# `recsys_jax.model_lib.losses.tied_softmax_cross_entropy`): the runs that timed the
 # project model before it against the rewritten head, copied out of their
 # round files so that run_all.sh (which clears *_round*.json) keeps them.
 HEAD_CHANGE_RECORD = "output_layer_change_before_after.json"
@@ -504,7 +504,7 @@ def head_change_record(round_files: Sequence[str]) -> Dict[str, Any]:
               "(logits [B, P, V] + masked_softmax_cross_entropy + argmax); "
               "after: the rewritten output layer, then an experiment in "
               "benchmarks/train_throughput.py (ProposedHeadBert4RecModel), "
-              "now recsys_jax.losses.tied_softmax_cross_entropy. Timed in "
+              "now recsys_jax.model_lib.losses.tied_softmax_cross_entropy. Timed in "
               "the same process, alternating one window each."),
           "runs": runs}
 
@@ -551,7 +551,7 @@ def _head_change_section(results_dir: str,
       "the tied matmul as an extra column, table gradient as (q^T g)^T "
       "without a transposed copy of the logits gradient, target logit "
       "gathered, no argmax pass) is now project code, "
-      "`recsys_jax.losses.tied_softmax_cross_entropy` (same loss and "
+      "`recsys_jax.model_lib.losses.tied_softmax_cross_entropy` (same loss and "
       "gradients: tests/test_losses.py). These rows are the measurements "
       "that motivated it, taken before the change with the rewrite as a "
       "benchmark-only experiment, alternating one window each in the same "

@@ -5,7 +5,7 @@ r"""Full-ranking evaluation throughput (users/s) through our Evaluator.
 
 Every validation user of Beauty (or synthetic data with 12,101 items) is
 scored over all items and the held-out item ranked by
-`recsys_jax.evaluation.Evaluator` (the jitted `score_fn` + `target_rank`
+`recsys_jax.evaluation.evaluator.Evaluator` (the jitted `score_fn` + `target_rank`
 path; metrics HR/NDCG@{1,5,10,20}). The user's input items are excluded from
 the ranking by default, as RecBole's full-sort evaluation does. Modes:
 
@@ -42,11 +42,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
-from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from recsys_jax import model_lib  # pylint: disable=g-import-not-at-top
-from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
-from recsys_jax import trainer  # pylint: disable=g-import-not-at-top
+from recsys_jax.evaluation import evaluator as evaluation  # pylint: disable=g-import-not-at-top
+from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
+from recsys_jax.model_lib import sequence as model_lib  # pylint: disable=g-import-not-at-top
+from recsys_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+from recsys_jax.core import trainer  # pylint: disable=g-import-not-at-top
 from recsys_jax.models import bert4rec as bert4rec_lib  # pylint: disable=g-import-not-at-top
 
 MODES = ("cached", "pipeline", "staged", "staged_padded")

@@ -110,10 +110,10 @@ def run_loss(args, data, loss: str, steps: int) -> dict:
   """Trains `steps` steps with `loss`; returns timings and bytes."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from recsys_jax import builders  # pylint: disable=g-import-not-at-top
-  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
-  from recsys_jax import trainer  # pylint: disable=g-import-not-at-top
+  from recsys_jax.model_lib import builders  # pylint: disable=g-import-not-at-top
+  from recsys_jax.evaluation import evaluator as evaluation  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import trainer  # pylint: disable=g-import-not-at-top
 
   model = builders.bert4rec(
       data_dir=args.data_dir, max_len=args.max_len, hidden=args.hidden,
@@ -306,7 +306,7 @@ def results_section(payload: dict) -> str:
               f"{_mb(logits)} per step (plus their gradient, unless XLA "
               "fuses it away);")
     else:
-      from recsys_jax import losses  # pylint: disable=g-import-not-at-top
+      from recsys_jax.model_lib import losses  # pylint: disable=g-import-not-at-top
       chunk_rows = runs["full"]["loss_chunk_rows"]
       rows = payload["batch_size"] * p
       chunk = rows // losses.loss_chunks(rows, chunk_rows)
@@ -372,7 +372,7 @@ def main(argv=None):
   print(f"dataset: {dataset}", flush=True)
 
   import jax  # pylint: disable=g-import-not-at-top
-  from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
   if jax.device_count() != args.devices:
     raise RuntimeError(f"expected {args.devices} devices, JAX has "
                        f"{jax.device_count()} (run as a script so XLA_FLAGS "

@@ -53,10 +53,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from recsys_jax import model_lib  # pylint: disable=g-import-not-at-top
-from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
-from recsys_jax import trainer  # pylint: disable=g-import-not-at-top
+from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
+from recsys_jax.model_lib import sequence as model_lib  # pylint: disable=g-import-not-at-top
+from recsys_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+from recsys_jax.core import trainer  # pylint: disable=g-import-not-at-top
 from recsys_jax.models import bert4rec as bert4rec_lib  # pylint: disable=g-import-not-at-top
 from recsys_jax.seqio_ext import preprocessors  # pylint: disable=g-import-not-at-top
 
@@ -346,7 +346,7 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
   linear decay) with each of `--quality_seeds` seeds, then ranks every
   validation user over all items with `evaluation.Evaluator`.
   """
-  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from recsys_jax.evaluation import evaluator as evaluation  # pylint: disable=g-import-not-at-top
   sizes = args.sizes
   bs = sizes["batch_size"]
   mesh = partitioning.make_mesh(1)
@@ -449,7 +449,7 @@ def duel(args, data: Dict[str, Any]) -> Dict[str, Any]:
   Evaluator), each taken only on our turn. Per-window figures are returned;
   RESULTS.md pairs each with RecBole's adjacent window.
   """
-  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from recsys_jax.evaluation import evaluator as evaluation  # pylint: disable=g-import-not-at-top
   turns = common.Turns(args.duel, parity=0)
   sizes = args.sizes
   bs = sizes["batch_size"]
@@ -557,7 +557,7 @@ def _measure_peak(args) -> Dict[str, Any]:
   if jax.process_count() == 1:
     return common.measure_matmul_peak(args.matmul_n)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from recsys_jax import distributed  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import distributed  # pylint: disable=g-import-not-at-top
   distributed.barrier("matmul_peak")
   mine = common.measure_matmul_peak(args.matmul_n)
   every = np.asarray(multihost_utils.process_allgather(
@@ -571,7 +571,7 @@ def main(argv=None):
   if args.num_processes > 1 and args.process_id is None:
     return launch_processes(args, argv)
   if args.num_processes > 1:
-    from recsys_jax import distributed  # pylint: disable=g-import-not-at-top
+    from recsys_jax.core import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(args.coordinator_address, args.num_processes,
                            args.process_id, platform="cpu")
   machine = common.machine_info()

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_jax import item_text_cache
-from recsys_jax import partitioning
-from recsys_jax import text_vocab
+from recsys_jax.text import item_text_cache
+from recsys_jax.core import partitioning
+from recsys_jax.text import vocab as text_vocab
 from recsys_jax.data import prepared
 
 ENCODERS = ("bert", "t5")
@@ -331,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   fn = build_cache
   if args.gin_file or args.gin_bindings:
     import gin  # pylint: disable=g-import-not-at-top
-    from recsys_jax import gin_utils  # pylint: disable=g-import-not-at-top
+    from recsys_jax.cli import gin_utils  # pylint: disable=g-import-not-at-top
     from recsys_jax import embed_items as registered  # pylint: disable=g-import-not-at-top,import-self
     gin_utils.parse_gin(args.gin_file, args.gin_bindings)
     # Under `python -m` this module is __main__; gin registered the importable

@@ -4,7 +4,7 @@ Defaults come from gin/runs/eval.gin (parsed first); the user's gin files and
 `--gin.NAME=VALUE` overrides follow. See README.md and docs/.
 """
 
-from recsys_jax import entry
+from recsys_jax.cli import entry
 from recsys_jax import runs
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from benchmarks import eval_throughput
 from benchmarks import recbole_peer
 from benchmarks import time_to_quality
 from benchmarks import train_throughput
-from recsys_jax import model_lib
+from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.models import bert4rec
 
 

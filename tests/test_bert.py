@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax import text_vocab
+from recsys_jax.text import vocab as text_vocab
 from recsys_jax.checkpoint_import import bert as bert_import
 from recsys_jax.checkpoint_import import common
 from recsys_jax.models import bert

@@ -168,7 +168,7 @@ def test_attention_layouts_agree_in_value_and_gradient():
 
 def test_attention_layout_follows_head_sharding():
   """per_head=None: per head unless the logical rules shard 'heads'."""
-  from recsys_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   x = jnp.ones((2, 4, 8))
   attn = layers.MultiHeadSelfAttention(num_heads=2)
   params = attn.init(jax.random.PRNGKey(0), x)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax import decoding
+from recsys_jax.text import decoding
 from recsys_jax.models import t5
 
 EOS = 1

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from recsys_jax import embed_items
-from recsys_jax import item_text_cache
-from recsys_jax import text_vocab
+from recsys_jax.text import item_text_cache
+from recsys_jax.text import vocab as text_vocab
 from recsys_jax.checkpoint_import import bert as bert_import
 from recsys_jax.data import prepared
 

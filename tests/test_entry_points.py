@@ -187,7 +187,7 @@ def test_export_writes_params_embeddings_and_manifest(reference, export_dir):
   np.testing.assert_array_equal(
       emb, params["item_embed"]["embedding"][1:NUM_ITEMS + 1])
   np.testing.assert_array_equal(bias, params["output_bias"][1:NUM_ITEMS + 1])
-  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   helpers.assert_trees_equal(
       checkpoints.restore_params(os.path.join(export_dir, "params")), params,
       "exported params")

@@ -5,11 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from recsys_jax import evaluation
-from recsys_jax import input_pipeline
-from recsys_jax import model_lib
-from recsys_jax import partitioning
-from recsys_jax import trainer
+from recsys_jax.evaluation import evaluator as evaluation
+from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import sequence as model_lib
+from recsys_jax.core import partitioning
+from recsys_jax.core import trainer
 from recsys_jax.models import bert4rec
 from recsys_jax.seqio_ext import feature_converters
 from tests.helpers import tiny_data  # noqa: F401  pylint: disable=unused-import

@@ -14,13 +14,13 @@ import gin
 import pytest
 import seqio
 
-from recsys_jax import evaluation
-from recsys_jax import gin_utils
-from recsys_jax import input_pipeline
-from recsys_jax import model_lib
-from recsys_jax import partitioning
+from recsys_jax.evaluation import evaluator as evaluation
+from recsys_jax.cli import gin_utils
+from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import sequence as model_lib
+from recsys_jax.core import partitioning
 from recsys_jax import runs
-from recsys_jax import trainer
+from recsys_jax.core import trainer
 from tests import helpers
 from tests.helpers import tiny_data  # pylint: disable=unused-import
 

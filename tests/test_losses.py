@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax import losses
+from recsys_jax.model_lib import losses
 
 
 def np_log_softmax(x):

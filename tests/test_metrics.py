@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax import metrics
-from recsys_jax import ranking
+from recsys_jax.evaluation import metrics
+from recsys_jax.evaluation import ranking
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -336,7 +336,7 @@ _SHARDED_SCRIPT = textwrap.dedent(r"""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from recsys_jax import ranking
+    from recsys_jax.evaluation import ranking
 
     def max_collective_elements(hlo):
       # Largest result (elements per device) of any cross-device op.

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from recsys_jax import model_lib
+from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.models import bert4rec
 
 N = 20
@@ -245,7 +245,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import flax.linen as nn, jax, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
-    from recsys_jax import model_lib
+    from recsys_jax.model_lib import sequence as model_lib
     from recsys_jax.models import bert4rec
     cfg = bert4rec.Bert4RecConfig(num_items=200, max_len=8, hidden=16,
                                   num_layers=1, num_heads=2, mlp_dim=32)

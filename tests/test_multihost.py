@@ -119,7 +119,7 @@ def _eval_json(model_dir, step=N_STEPS):
 
 def _params(model_dir, step=N_STEPS):
   """Saved params on this (1-device) process, whatever mesh wrote them."""
-  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   state = checkpoints.restore_to_host(
       os.path.join(model_dir, f"checkpoint_{step}", "state"))
   return helpers.flat(state["params"])
@@ -290,8 +290,8 @@ def test_shard_mode_trains_and_evaluates_every_user_once(runs):
 
 
 def test_only_process_zero_writes_eval_json_and_events(tmp_path, monkeypatch):
-  from recsys_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from recsys_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  from recsys_jax.evaluation import evaluator as evaluation  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import metric_writer  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   writer = metric_writer.MetricWriter(str(tmp_path))
   res = {"test": {"HR@1": 0.5, "num_users": 3}}
@@ -310,7 +310,7 @@ def test_only_process_zero_writes_eval_json_and_events(tmp_path, monkeypatch):
 def test_host_input_rows(host_input, monkeypatch):
   """'slice': process i gets rows [8i, 8i + 8) of the one-process batches;
   'shard': the processes read disjoint users; eval covers every user once."""
-  from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.SequenceData(
       f"multihost_rows_{host_input}", helpers.prepared_dataset(), max_len=20,
       host_input=host_input)
@@ -346,7 +346,7 @@ def _take(it, n):
 
 
 def test_unknown_host_input_is_an_error():
-  from recsys_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="host_input='rows'.*'shard', 'slice'"):
     input_pipeline.SequenceData("multihost_bad", helpers.prepared_dataset(),
                                 host_input="rows")

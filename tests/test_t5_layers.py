@@ -393,7 +393,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from recsys_jax import partitioning
+    from recsys_jax.core import partitioning
     from recsys_jax.models import t5
     cfg = t5.T5Config.tiny(feed_forward_proj="gated-gelu",
                            tie_word_embeddings=False)

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax import model_lib
-from recsys_jax import partitioning
-from recsys_jax import trainer
+from recsys_jax.model_lib import sequence as model_lib
+from recsys_jax.core import partitioning
+from recsys_jax.core import trainer
 from recsys_jax.models import bert4rec as bert4rec_lib
 from tests import helpers
 from tests.helpers import reference  # pylint: disable=unused-import
@@ -254,11 +254,11 @@ import gin
 import jax
 import numpy as np
 
-from recsys_jax import builders
-from recsys_jax import gin_utils
-from recsys_jax import input_pipeline
-from recsys_jax import partitioning
-from recsys_jax import trainer
+from recsys_jax.model_lib import builders
+from recsys_jax.cli import gin_utils
+from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.core import partitioning
+from recsys_jax.core import trainer
 
 data_dir, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert jax.device_count() == 8, jax.devices()
@@ -357,7 +357,7 @@ def test_sharded_training_equals_single_device(tiny_data, tmp_path):
 
 
 def test_check_architecture_fields():
-  from recsys_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from recsys_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   now = {"module": "Bert4Rec", "hidden": 16, "causal": False}
   checkpoints.check_architecture(dict(now), now, "ckpt")  # equal: passes
   checkpoints.check_architecture(None, now, "ckpt")  # no record: unchecked
@@ -561,8 +561,8 @@ import sys
 
 import jax
 
-from recsys_jax import partitioning
-from recsys_jax import trainer
+from recsys_jax.core import partitioning
+from recsys_jax.core import trainer
 from tests import helpers
 from tests.test_trainer import accumulation_case, favour_easy_item
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recsys_jax import decoding
+from recsys_jax.text import decoding
 from recsys_jax.models import t5_layers
 
 Array = jax.Array
@@ -347,7 +347,7 @@ def init_params(config: T5Config, rng: Array, *, encoder_only: bool = False):
 
 def make_decoding_fns(model: T5, params, encoded: Array,
                       encoder_mask: Optional[Array], max_decode_len: int):
-  """`(tokens_to_logits, init_cache)` for `recsys_jax.decoding`.
+  """`(tokens_to_logits, init_cache)` for `recsys_jax.text.decoding`.
 
   `tokens_to_logits(tokens [N, 1], cache) -> (logits [N, vocab], cache)` runs
   one cached step against `encoded`/`encoder_mask`, which must already have

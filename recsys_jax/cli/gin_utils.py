@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence
 import gin
 
 _GIN_SHORTHAND = re.compile(r"^--gin\.([^=]+)=(.*)$", re.S)
-REPO_GIN_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "gin")
 
 
 def _system_path_file_exists(config_path: str) -> bool:

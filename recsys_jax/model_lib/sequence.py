@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_jax import losses
+from recsys_jax.model_lib import losses
 from recsys_jax.models import bert4rec as bert4rec_lib
 
 Array = jax.Array

@@ -9,8 +9,8 @@ from typing import Optional
 
 import numpy as np
 
-from recsys_jax import input_pipeline
-from recsys_jax import model_lib
+from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.data import prepared
 from recsys_jax.models import bert4rec as bert4rec_lib
 

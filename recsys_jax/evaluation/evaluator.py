@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_jax import distributed
-from recsys_jax import metrics
-from recsys_jax import partitioning
-from recsys_jax import ranking
+from recsys_jax.core import distributed
+from recsys_jax.evaluation import metrics
+from recsys_jax.core import partitioning
+from recsys_jax.evaluation import ranking
 
 
 @dataclasses.dataclass(frozen=True)

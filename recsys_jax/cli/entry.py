@@ -8,9 +8,9 @@ from absl import flags
 from absl import logging
 import gin
 
-from recsys_jax import distributed
-from recsys_jax import gin_utils
-from recsys_jax import trainer
+from recsys_jax.core import distributed
+from recsys_jax.cli import gin_utils
+from recsys_jax.core import trainer
 
 flags.DEFINE_multi_string("gin_file", [], "gin files, in order (later wins)")
 flags.DEFINE_multi_string("gin_bindings", [],

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_jax import ranking
+from recsys_jax.evaluation import ranking
 
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20)
 FULL_RANKING = "full_ranking"

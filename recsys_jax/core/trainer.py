@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recsys_jax import checkpoints
-from recsys_jax import distributed
-from recsys_jax import partitioning
+from recsys_jax.core import checkpoints
+from recsys_jax.core import distributed
+from recsys_jax.core import partitioning
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,0 +1,45 @@
+"""The export run: params-only checkpoint, item embeddings and a manifest."""
+
+import json
+import logging
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from recsys_jax.core import checkpoints
+from recsys_jax.core import partitioning
+from recsys_jax.runs import restore
+
+
+def export(*, model_dir: str, model, mesh_config: partitioning.MeshConfig,
+           checkpoint_step: Optional[int] = None,
+           output_dir: Optional[str] = None) -> str:
+  """Writes params-only checkpoint + item embeddings + config for serving."""
+  mesh = mesh_config.make_mesh()
+  rules = mesh_config.logical_rules()
+  params, step = restore.restore_params(model, model_dir, mesh, rules,
+                                 checkpoint_step)
+  output_dir = output_dir or os.path.join(model_dir, restore.EXPORT_SUBDIR)
+  checkpoints.save_params(os.path.join(output_dir, "params"), params)
+  if jax.process_index() == 0:
+    emb = np.asarray(jax.device_get(model.item_embeddings(params)))
+    bias = np.asarray(jax.device_get(model.item_bias(params)))
+    np.save(os.path.join(output_dir, "item_embeddings.npy"), emb)
+    np.save(os.path.join(output_dir, "item_bias.npy"), bias)
+    config_src = os.path.join(model_dir, "config.gin")
+    if os.path.exists(config_src):
+      with open(config_src) as f, open(
+          os.path.join(output_dir, "config.gin"), "w") as g:
+        g.write(f.read())
+    manifest = {"step": step, "num_items": model.num_items,
+                checkpoints.ARCHITECTURE_KEY: model.architecture(),
+                "embedding_shape": list(emb.shape),
+                "source_model_dir": os.path.abspath(model_dir)}
+    with open(os.path.join(output_dir, restore.EXPORT_MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=2)
+    print(f"Exported step {step} to {output_dir} (item embeddings "
+          f"{emb.shape})", flush=True)
+  logging.info("export done: %s", output_dir)
+  return output_dir
