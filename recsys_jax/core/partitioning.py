@@ -131,6 +131,21 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
           for k, v in local_batch.items()}
 
 
+def process_local_rows(global_array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in local order
+  (the rows `host_to_global` took from this process)."""
+  shards = sorted(global_array.addressable_shards,
+                  key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    start = s.index[0].start or 0
+    if start in seen:  # replicas along `model` hold the same rows
+      continue
+    seen.add(start)
+    rows.append(np.asarray(s.data))
+  return np.concatenate(rows, axis=0)
+
+
 @contextlib.contextmanager
 def with_rules(rules: LogicalRules, mesh: Optional[Mesh] = None):
   """Makes logical constraints inside modules resolve (and bind to `mesh`).

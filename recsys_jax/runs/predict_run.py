@@ -1,0 +1,143 @@
+"""The predict run: what a trained model recommends (or writes), as JSONL.
+
+Ranking models: for every user of a leave-one-out split, the top-k items
+with titles and scores, the user's history and the held-out item (and
+whether it was hit). Each process writes the users of its own input shard
+to `MODEL_DIR/predict/<split>_step<step>[.process<i>].jsonl`; one process
+writes one file.
+"""
+
+import itertools
+import json
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys_jax.core import partitioning
+from recsys_jax.data import prepared
+from recsys_jax.evaluation import ranking
+from recsys_jax.runs import restore
+
+PREDICT_SUBDIR = "predict"
+USER_ID = "user_id"
+
+
+def output_path(model_dir: str, split: str, step: int) -> str:
+  suffix = (f".process{jax.process_index()}" if jax.process_count() > 1
+            else "")
+  return os.path.join(model_dir, PREDICT_SUBDIR,
+                      f"{split}_step{step}{suffix}.jsonl")
+
+
+def _item_titles(data_dir: str) -> List[str]:
+  """Titles by item index (index 0, padding, is '')."""
+  titles = [""]
+  for item in prepared.read_items(data_dir):
+    titles.append(str(item.get("title") or item.get("id") or ""))
+  return titles
+
+
+def make_top_k_fn(model, k: int, exclude_history: bool, mesh):
+  """Jitted `(params, batch) -> (scores [B, k], item ids [B, k])`."""
+  if not 1 <= k <= model.num_items:
+    raise ValueError(f"predict top_k={k}: expected 1..{model.num_items} "
+                     "(the number of items)")
+
+  def top_k(params, batch):
+    scores = model.score_fn(params, batch)  # [B, N], column j = item j + 1
+    if exclude_history:
+      excluded = ranking.exclusion_mask(scores.shape, batch["item_ids"])
+      scores = jnp.where(excluded, -jnp.inf, scores)
+    return ranking.top_k_items(scores, k)
+
+  rows = partitioning.batch_sharding(mesh)
+  return jax.jit(top_k, out_shardings=(rows, rows))
+
+
+def ranking_records(model, params, batches: Iterator[Mapping[str, np.ndarray]],
+                    *, titles: Sequence[str], top_k: int,
+                    exclude_history: bool, mesh, rules
+                    ) -> Iterator[Dict[str, Any]]:
+  """One JSON record per valid row of the (host-local) eval batches."""
+  fn = make_top_k_fn(model, top_k, exclude_history, mesh)
+  for local in batches:
+    valid = np.asarray(local["valid"]) > 0
+    users = local.get(USER_ID)
+    model_batch = {k: v for k, v in local.items()
+                   if k not in ("valid", USER_ID)}
+    global_batch = partitioning.host_to_global(model_batch, mesh)
+    with partitioning.with_rules(rules, mesh):
+      scores, items = fn(params, global_batch)
+    scores = partitioning.process_local_rows(scores)
+    items = partitioning.process_local_rows(items)
+    for r in np.flatnonzero(valid):
+      history = [int(i) for i in local["item_ids"][r]
+                 if 1 <= i <= model.num_items]
+      target = int(np.max(local["targets"][r]))
+      recs = [int(i) for i in items[r]]
+      record = {
+          "user_id": (users[r].decode() if isinstance(users[r], bytes)
+                      else str(users[r])) if users is not None else None,
+          "history": history,
+          "history_titles": [titles[i] for i in history],
+          "top_k": recs,
+          "top_k_titles": [titles[i] for i in recs],
+          "scores": [round(float(s), 6) for s in scores[r]],
+      }
+      if target > 0:
+        record.update(target=target, target_title=titles[target],
+                      target_rank_in_top_k=(recs.index(target)
+                                            if target in recs else None))
+      yield record
+
+
+def predict(*, model_dir: str, data, model,
+            mesh_config: partitioning.MeshConfig,
+            split: str = "test", top_k: int = 10,
+            exclude_history: bool = True, batch_size: int = 256,
+            max_users: Optional[int] = None,
+            checkpoint_step: Optional[int] = None,
+            exported_dir: Optional[str] = None) -> str:
+  """Writes the model's top-k items for every user of `split` as JSONL.
+
+  Args:
+    model_dir: the run directory (MODEL_DIR); output under `predict/`.
+    data: the run's data (`eval_batches(split, batch_size, extra_features)`).
+    model: a ranking model wrapper (`score_fn`, `num_items`).
+    mesh_config: partitioning.
+    split: 'validation' or 'test' (leave-one-out: the history is all items
+      before the held-out one, which is recorded as the target).
+    top_k: items per user.
+    exclude_history: never recommend an item of the user's history.
+    batch_size: global batch size.
+    max_users: about this many users (whole batches, the same number on
+      every process; None: all).
+    checkpoint_step, exported_dir: which parameters (as `evaluate`).
+
+  Returns:
+    The path written by this process.
+  """
+  mesh = mesh_config.make_mesh()
+  rules = mesh_config.logical_rules()
+  params, step = restore.restore_params(model, model_dir, mesh, rules,
+                                        checkpoint_step, exported_dir)
+  titles = _item_titles(data.data_dir)
+  path = output_path(model_dir, split, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  batches = data.eval_batches(split, batch_size, extra_features=(USER_ID,))
+  if max_users is not None:
+    batches = itertools.islice(batches, -(-int(max_users) // batch_size))
+  written = 0
+  with open(path + ".tmp", "w") as f:
+    for record in ranking_records(model, params, batches, titles=titles,
+                                  top_k=top_k,
+                                  exclude_history=exclude_history, mesh=mesh,
+                                  rules=rules):
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+      written += 1
+  os.replace(path + ".tmp", path)
+  print(f"Wrote {written} users' top-{top_k} to {path}", flush=True)
+  return path
