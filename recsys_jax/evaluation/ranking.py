@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def _exclusion_mask(shape: Tuple[int, int],
+def exclusion_mask(shape: Tuple[int, int],
                     exclude_ids: jax.Array) -> jax.Array:
   """[B, N] bool, True at columns of items named in `exclude_ids` [B, H]."""
   _, n = shape
@@ -77,7 +77,7 @@ def target_rank(scores: jax.Array,
     if exclude_ids.ndim != 2 or exclude_ids.shape[0] != b:
       raise ValueError(
           f"exclude_ids must be [{b}, history_len], got {exclude_ids.shape}")
-    beats &= ~_exclusion_mask((b, n), exclude_ids)
+    beats &= ~exclusion_mask((b, n), exclude_ids)
   rank = jnp.sum(beats, axis=1, dtype=jnp.int32)
   return jnp.where(valid, rank, jnp.int32(n))
 

@@ -22,7 +22,7 @@ evaluations skip the input pipeline.
 import functools
 import queue
 import threading
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -97,19 +97,27 @@ class SequenceData:
         {k: v[lo:lo + local_batch_size] for k, v in batch.items()}
         for batch in stream)
 
-  def eval_batches(self, split: str, global_batch_size: int
+  def eval_batches(self, split: str, global_batch_size: int,
+                   extra_features: Sequence[str] = ()
                    ) -> Iterator[Dict[str, np.ndarray]]:
-    """This process's rows of every eval batch (padded, with `valid`)."""
+    """This process's rows of every eval batch (padded, with `valid`).
+
+    `extra_features` adds source features to the model's (e.g. `user_id`,
+    bytes, for predictions written per user).
+    """
     local = global_batch_size // jax.process_count()
     if local * jax.process_count() != global_batch_size:
       raise ValueError(f"eval batch_size={global_batch_size} must be divisible"
                        f" by the number of processes ({jax.process_count()})")
-    key = (split, global_batch_size, jax.process_index(), jax.process_count())
+    features = list(EVAL_FEATURES) + [
+        f for f in extra_features if f not in EVAL_FEATURES]
+    key = (split, global_batch_size, jax.process_index(), jax.process_count(),
+           tuple(features))
     if key in self._eval_cache:
       return iter(self._eval_cache[key])
     return self._read_and_cache(key, feature_converters.eval_batches(
         self.name, split, local, shard_info=self.shard_info(),
-        features=list(EVAL_FEATURES)))
+        features=features))
 
   def _read_and_cache(self, key, batches) -> Iterator[Dict[str, np.ndarray]]:
     """Yields `batches`; a complete pass within the byte budget is kept."""
