@@ -433,10 +433,10 @@ def packing_quality(args, data: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _one_epoch(pipe, batch_size: int):
-  from recsys_jax.seqio_ext import feature_converters  # pylint: disable=g-import-not-at-top
+  from recsys_jax.seqio_ext import batching  # pylint: disable=g-import-not-at-top
   features = list(input_pipeline.TRAIN_FEATURES + (
       input_pipeline.PACKED_EXTRA if pipe.packing else ()))
-  return feature_converters.train_batches(
+  return batching.train_batches(
       pipe.name, batch_size, seed=pipe.seed, num_epochs=1,
       features=features)
 

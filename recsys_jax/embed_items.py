@@ -4,7 +4,7 @@
       --checkpoint=HF_OR_ORBAX_DIR --vocab=VOCAB --output_dir=CACHE \\
       --max_text_len=32 --batch_size=64
 
-Item i (vocabulary index i + 1) is rendered with `data.prepared.item_text`,
+Item i (vocabulary index i + 1) is rendered with `text.item_texts`,
 tokenised (`text_vocab.encode_batch`), encoded with a jitted encoder whose
 batch is split over a ('data', 'model') mesh of all local devices, and
 written chunk by chunk into `item_text_cache` arrays. Rerunning the same
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from recsys_jax.text import item_text_cache
+from recsys_jax.text import item_texts as item_texts_lib
 from recsys_jax.core import partitioning
 from recsys_jax.text import vocab as text_vocab
-from recsys_jax.data import prepared
 
 ENCODERS = ("bert", "t5")
 POOLINGS = ("mean", "mean_l2")
@@ -117,13 +117,7 @@ def params_fingerprint(config: Mapping[str, Any], params: Any) -> str:
 
 def item_texts(data_dir: str) -> list:
   """Rendered text of every item, row i = vocabulary index i + 1."""
-  rows = prepared.read_items(data_dir)
-  for i, row in enumerate(rows):
-    if row.get("index") != i + 1:
-      raise ValueError(
-          f"{os.path.join(data_dir, prepared.ITEMS_FILE)}:{i + 1}: index "
-          f"{row.get('index')!r}, expected {i + 1} (rows in vocabulary order)")
-  return [prepared.item_text(row) for row in rows]
+  return item_texts_lib.item_texts(data_dir)
 
 
 def _texts_sha256(texts: Sequence[str]) -> str:

@@ -1,3 +1,5 @@
-"""Registered SeqIO tasks; importing this package registers them."""
+"""SeqIO task definitions (tasks/sequence_tasks.py, tasks/text_tasks.py).
 
-from tasks import sequence_tasks  # pylint: disable=unused-import
+Importing registers nothing: `input_pipeline.SequenceData` registers the task
+it serves, and `sequence_tasks.register_builtin_tasks()` the built-in ones.
+"""

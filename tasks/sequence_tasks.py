@@ -1,7 +1,8 @@
 """SeqIO tasks for sequential recommendation (Bert4Rec cloze format).
 
-Importing this module registers the built-in tasks over the data root
-($RECSYS_JAX_DATA_DIR, default <repo>/data):
+Importing this module registers nothing: `input_pipeline.SequenceData`
+registers the task it serves, and `register_builtin_tasks()` registers the
+built-in tasks over the data root ($RECSYS_JAX_DATA_DIR, default <repo>/data):
   synthetic_bert4rec       <root>/synthetic
   beauty_bert4rec          <root>/beauty
   movielens100k_bert4rec   <root>/movielens100k
@@ -175,6 +176,3 @@ def register_builtin_tasks(root: Optional[str] = None) -> List[str]:
     names += register_sequence_tasks(task, os.path.join(root, subdir),
                                      prepare_hint=hint)
   return names
-
-
-register_builtin_tasks()

@@ -115,8 +115,10 @@ def test_parameters_carry_logical_axes():
   assert tuple(emb["word_embeddings"]["embedding"]) == ("vocab", "embed")
   assert tuple(emb["position_embeddings"]["embedding"]) == ("length", "embed")
   layer = specs["layer_0"]
-  assert tuple(layer["query"]["kernel"]) == ("embed", "joined_kv")
-  assert tuple(layer["attention_output"]["kernel"]) == ("joined_kv", "embed")
+  assert tuple(layer["attention"]["query"]["kernel"]) == ("embed", "joined_kv")
+  assert tuple(layer["attention"]["query"]["bias"]) == ("joined_kv",)
+  assert tuple(layer["attention"]["out"]["kernel"]) == ("joined_kv", "embed")
+  assert tuple(layer["attention"]["out"]["bias"]) == ("embed",)
   assert tuple(layer["intermediate"]["kernel"]) == ("embed", "mlp")
   assert tuple(layer["output"]["kernel"]) == ("mlp", "embed")
   assert tuple(layer["output_norm"]["scale"]) == ("embed",)
@@ -203,6 +205,47 @@ def test_import_errors_name_keys(tiny_hf):
 
   with pytest.raises(common.CheckpointImportError, match="config.json"):
     bert_import.load_hf_bert(os.path.dirname(path) + "/nonexistent")
+
+
+def test_orbax_export_roundtrip_and_old_layout_is_named(tiny_hf, tmp_path):
+  path, _ = tiny_hf
+  config, params = bert_import.load_hf_bert(path)
+  out = bert_import.save_as_orbax(params, config, str(tmp_path / "new"))
+  config2, params2 = bert_import.load_orbax(out)
+  assert config2 == config
+  flat, flat2 = common.flatten_tree(params), common.flatten_tree(params2)
+  assert flat.keys() == flat2.keys()
+  for k in flat:
+    np.testing.assert_array_equal(np.asarray(flat2[k]), flat[k], err_msg=k)
+  # The layout before the shared attention (projections directly under
+  # layer_i, output named attention_output) is refused by name.
+  old = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  for i in range(config.num_hidden_layers):
+    layer = dict(params[f"layer_{i}"])
+    attention = layer.pop("attention")
+    layer.update(query=attention["query"], key=attention["key"],
+                 value=attention["value"], attention_output=attention["out"])
+    old[f"layer_{i}"] = layer
+  old_dir = bert_import.save_as_orbax(old, config, str(tmp_path / "old"))
+  with pytest.raises(common.CheckpointImportError,
+                     match=r"older version.*checkpoint_import\.bert") as err:
+    bert_import.load_orbax(old_dir)
+  assert "layer_0/attention/query/kernel" in str(err.value)
+  assert "layer_0/attention_output/kernel" in str(err.value)
+
+
+def test_dropout_is_applied_only_when_not_deterministic(tiny_hf):
+  path, _ = tiny_hf
+  config, params = bert_import.load_hf_bert(path)
+  ids, mask, _ = _inputs(seed=2)
+  model = bert.BertEncoder(config)
+  base = np.asarray(model.apply({"params": params}, ids, mask))
+  drop = jax.jit(lambda rng: model.apply({"params": params}, ids, mask,
+                                         deterministic=False,
+                                         rngs={"dropout": rng}))
+  a, a2, b = (np.asarray(drop(jax.random.PRNGKey(s))) for s in (0, 0, 1))
+  np.testing.assert_array_equal(a, a2)
+  assert np.abs(a - base).max() > 1e-3 and np.abs(a - b).max() > 1e-3
 
 
 def test_mean_pool_and_normalize_match_numpy():

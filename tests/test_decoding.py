@@ -4,12 +4,14 @@ import itertools
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recsys_jax.text import decoding
 from recsys_jax.models import t5
+from recsys_jax.text import decoding
+from recsys_jax.text import generation
 
 EOS = 1
 
@@ -60,6 +62,22 @@ def test_expand_for_beams_layout():
   y = decoding.expand_for_beams(x, 2)
   np.testing.assert_array_equal(y, [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5],
                                     [4, 5]])
+
+
+def test_greedy_pick_matches_argmax_and_log_softmax():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(5, 300).astype(np.float32) * 4
+  logits[1, [7, 150]] = 50.0  # a tie: the lower id wins, as argmax
+  logits[2] = 0.0             # all tied
+  token, log_prob = decoding.greedy_pick(jnp.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(token), logits.argmax(-1))
+  assert int(token[1]) == 7 and int(token[2]) == 0
+  want = log_softmax(logits)[np.arange(5), logits.argmax(-1)]
+  np.testing.assert_allclose(np.asarray(log_prob), want, rtol=1e-6,
+                             atol=1e-6)
+  nan_row = logits[:1].copy()
+  nan_row[0, 3] = np.nan
+  assert int(decoding.greedy_pick(jnp.asarray(nan_row))[0][0]) == 299
 
 
 def test_greedy_toy_matches_python_loop():
@@ -210,7 +228,8 @@ def _full_logits_fn(model, params, encoded, mask):
 
 def test_cached_greedy_equals_uncached(t5_case):
   model, params, encoded, mask = t5_case
-  fn, init_cache = t5.make_decoding_fns(model, params, encoded, mask, T)
+  fn, init_cache = generation.make_decoding_fns(model, params, encoded, mask,
+                                                T)
   out = jax.jit(lambda c: decoding.greedy_search(
       fn, c, batch_size=3, max_decode_len=T, return_logits=True))(
           init_cache(3))
@@ -232,7 +251,8 @@ def test_cached_greedy_equals_uncached(t5_case):
 
 def test_beam_of_one_equals_greedy(t5_case):
   model, params, encoded, mask = t5_case
-  fn, init_cache = t5.make_decoding_fns(model, params, encoded, mask, T)
+  fn, init_cache = generation.make_decoding_fns(model, params, encoded, mask,
+                                                T)
   greedy = decoding.greedy_search(fn, init_cache(3), batch_size=3,
                                   max_decode_len=T)
   beam = decoding.beam_search(fn, init_cache(3), batch_size=3, beam_size=1,
@@ -252,7 +272,7 @@ def test_beam_scores_match_uncached_rescoring(t5_case):
   k, alpha, boost = 3, 0.6, 3.0
   eb = decoding.expand_for_beams(encoded, k)
   mb = decoding.expand_for_beams(mask, k)
-  fn, init_cache = t5.make_decoding_fns(model, params, eb, mb, T)
+  fn, init_cache = generation.make_decoding_fns(model, params, eb, mb, T)
 
   def boosted(tokens, cache):  # EOS made likely so some beams finish
     logits, cache = fn(tokens, cache)
@@ -282,10 +302,65 @@ def test_beam_scores_match_uncached_rescoring(t5_case):
     assert len({tuple(x) for x in tokens[b]}) == k
 
 
+def test_generate_equals_the_search_over_expanded_rows(t5_case):
+  """`generate` projects the encoder output once and expands the keys and
+  values for the beams: the same hypotheses and scores as a search whose
+  step closes over expanded encoder outputs."""
+  model, params, encoded, mask = t5_case
+  k = 3
+  fn, init_cache = generation.make_decoding_fns(
+      model, params, decoding.expand_for_beams(encoded, k),
+      decoding.expand_for_beams(mask, k), T)
+  want = decoding.beam_search(fn, init_cache(3), batch_size=3, beam_size=k,
+                              max_decode_len=T, alpha=0.6)
+  got = generation.generate(model, params, ENC, max_decode_len=T,
+                            num_beams=k, alpha=0.6)
+  np.testing.assert_array_equal(np.asarray(got.tokens),
+                                np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores),
+                             rtol=1e-5)
+  greedy = generation.generate(model, params, ENC, max_decode_len=T)
+  fn, init_cache = generation.make_decoding_fns(model, params, encoded, mask,
+                                                T)
+  ref = decoding.greedy_search(fn, init_cache(3), batch_size=3,
+                               max_decode_len=T)
+  np.testing.assert_array_equal(np.asarray(greedy.tokens[:, 0]),
+                                np.asarray(ref.tokens))
+
+
+def test_cached_step_does_not_project_the_encoder_output(t5_case):
+  """Cross-attention keys/values are computed once per source: no matmul of
+  a step reads `[N, L, d_model]` encoder rows."""
+  model, params, encoded, mask = t5_case
+  fn, init_cache = generation.make_decoding_fns(model, params, encoded, mask,
+                                                T)
+  jaxpr = jax.make_jaxpr(fn)(jnp.zeros((3, 1), jnp.int32), init_cache(3))
+  rows = encoded.shape[0] * encoded.shape[1]
+
+  def dots(eqns):
+    for e in eqns:
+      if e.primitive.name == "dot_general":
+        yield e
+      for sub in jax_core.jaxprs_in_params(e.params):
+        yield from dots(sub.eqns)
+  shapes = [tuple(v.aval.shape) for e in dots(jaxpr.jaxpr.eqns)
+            for v in e.invars]
+  assert shapes  # the step's matmuls were found
+  d_model = encoded.shape[-1]
+  assert not [s for s in shapes if s[-1] == d_model and
+              int(np.prod(s[:-1])) == rows], shapes
+  # ...whereas projecting the encoder output does read them.
+  proj = jax.make_jaxpr(lambda x: generation.project_encoded(
+      model, params, x))(encoded)
+  assert any(int(np.prod(v.aval.shape[:-1])) == rows
+             for e in dots(proj.jaxpr.eqns) for v in e.invars)
+
+
 def test_generate_beam_and_bfloat16_run():
   config = t5.T5Config.tiny(dtype="bfloat16")
   params = random_params(config, seed=7)
-  out = t5.generate(t5.T5(config), params, ENC, max_decode_len=5, num_beams=2)
+  out = generation.generate(t5.T5(config), params, ENC, max_decode_len=5,
+                            num_beams=2)
   assert out.tokens.shape == (3, 2, 5) and out.scores.shape == (3, 2)
   assert np.isfinite(np.asarray(out.scores)).all()
 
@@ -299,5 +374,6 @@ def test_bad_step_output_is_reported():
     model = t5.T5(config)
     params = random_params(config)
     encoded = jnp.zeros((1, 3, config.d_model))
-    fn, init_cache = t5.make_decoding_fns(model, params, encoded, None, 4)
+    fn, init_cache = generation.make_decoding_fns(model, params, encoded,
+                                                  None, 4)
     fn(jnp.zeros((1, 2), jnp.int32), init_cache(1))

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -24,8 +25,8 @@ HIDDEN = 16
 SPLITS = ("validation", "test", "validation_popularity", "test_popularity")
 
 _PROGRESS_LINE = re.compile(
-    r"^step (\d+)/(\d+) \| loss (\d+\.\d+) \| masked acc (\d\.\d+) \| "
-    r"grad norm (\d+\.\d+) \| lr (\S+) \| (\d+\.\d+) steps/s \| "
+    r"^step (\d+)/(\d+) \| loss (\d+\.\d+) \| masked_accuracy (\d\.\d+) \| "
+    r"grad_norm (\d+\.\d+) \| lr (\S+) \| (\d+\.\d+) steps/s \| "
     r"(\d+) seq/s \| ETA (?:\d+h)?\d+m\d\ds$")
 
 
@@ -201,3 +202,44 @@ def test_eval_of_export_equals_eval_of_checkpoint(tiny_data, reference,
                                      "eval_exported_step40.json"))
   assert exported == eval_latest[1]
   assert "[eval step 40] test" in res.stdout
+
+
+def test_configuration_mistakes_end_in_one_line(tiny_data, tmp_path):
+  """Typos and bad values, as a new user makes them: one line, nothing run.
+
+  The wiring of the entry points; every kind of mistake is checked in
+  process through `gin_utils.parse_gin` (tests/test_gin_files.py). The
+  processes run concurrently (each only parses, except the last, which builds
+  the configs) to keep the test short.
+  """
+  model_dir = str(tmp_path / "never_written")
+  base = ["--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'"]
+  cases = [
+      ("recsys_jax.train", ["--gin.TRAIN_STEPZ=5"],
+       "--gin.TRAIN_STEPZ=5 is not used by anything; did you mean "
+       "TRAIN_STEPS?"),
+      ("recsys_jax.export",
+       ["--gin.trainerr.OptimizerConfig.learning_rate=1"],
+       "--gin.trainerr.OptimizerConfig.learning_rate=1: no configurable named"
+       " trainerr.OptimizerConfig; did you mean trainer.OptimizerConfig?"),
+      # Rejected by the config class when the run builds it.
+      ("recsys_jax.train", [
+          f"--gin.DATA_DIR='{tiny_data}'", "--gin.TRAIN_STEPS=2",
+          "--gin.trainer.TrainLoopConfig.num_microbatches=3",
+          f"--gin.MODEL_DIR='{tmp_path / 'validated'}'"],
+       "TrainLoopConfig.num_microbatches=3 must divide "
+       "TrainLoopConfig.batch_size=64"),
+  ]
+  procs = [subprocess.Popen([helpers.PYTHON, "-m", module, *base, *extra],
+                            cwd=helpers.REPO_ROOT, env=helpers.subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for module, extra, _ in cases]
+  for proc, (module, extra, expected) in zip(procs, cases):
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode != 0, (module, extra)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("gin configuration error: " + expected), (
+        module, extra, stderr[-3000:])
+  assert not os.path.exists(model_dir)  # nothing trained, nothing written
+  assert not helpers.checkpoint_steps(str(tmp_path / "validated"))

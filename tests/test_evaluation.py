@@ -11,7 +11,7 @@ from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.core import partitioning
 from recsys_jax.core import trainer
 from recsys_jax.models import bert4rec
-from recsys_jax.seqio_ext import feature_converters
+from recsys_jax.seqio_ext import batching
 from tests.helpers import tiny_data  # noqa: F401  pylint: disable=unused-import
 
 N, L, B = 40, 16, 8
@@ -111,12 +111,12 @@ def test_eval_config_rejects_bad_bucket_settings():
 def test_eval_batches_are_cached_after_a_full_pass(tiny_data, monkeypatch):
   data = input_pipeline.SequenceData("test_eval_cache", tiny_data, max_len=12)
   calls = []
-  original = feature_converters.eval_batches
+  original = batching.eval_batches
 
   def counting(*args, **kwargs):
     calls.append(args[1])
     return original(*args, **kwargs)
-  monkeypatch.setattr(feature_converters, "eval_batches", counting)
+  monkeypatch.setattr(batching, "eval_batches", counting)
   partial = data.eval_batches("validation", 32)
   next(partial)  # an unfinished pass is not cached
   del partial

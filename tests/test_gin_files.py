@@ -2,21 +2,27 @@
 
 Each file is combined the way an entry point would (run defaults first, then
 a dataset and a model file), with tiny macros pointing at a tiny dataset; the
-arguments of the run function (runs.train / evaluate / export) are then built
-from the bindings without running it.
+arguments of the run function (runs.train / evaluate / export / predict) are
+then built from the bindings without running it. Every run config parses for
+every entry point, and configuration mistakes (gin_utils.parse_gin's checks)
+end in one line naming the flag or the file and line.
 """
 
 import glob
 import inspect
 import os
+import re
+from typing import Set, Tuple
 
 import gin
 import pytest
 import seqio
 
 from recsys_jax.evaluation import evaluator as evaluation
+from recsys_jax.cli import gin_sources
 from recsys_jax.cli import gin_utils
 from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import base
 from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.core import partitioning
 from recsys_jax import runs
@@ -30,8 +36,43 @@ ALL_GIN_FILES = sorted(
     for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
 RUN_FUNCTIONS = {"runs/train.gin": runs.train,
                  "runs/eval.gin": runs.evaluate,
-                 "runs/export.gin": runs.export}
+                 "runs/export.gin": runs.export,
+                 "runs/predict.gin": runs.predict}
 TEST_TASK = "gin_files_test"
+TINY_TEXT_VOCAB = 300  # synthetic.TINY's SentencePiece pieces
+
+
+def _macros(rel: str) -> Tuple[Set[str], Set[str]]:
+  """(macros set, macros read) by repo gin file `rel` and what it includes."""
+  with open(os.path.join(GIN_DIR, rel)) as f:
+    text = f.read()
+  statements, reads = gin_sources.parse_written(text, where=rel)
+  sets = {st.macro for st in statements if st.macro}
+  for included in re.findall(r"^include '([^']+)'", text, re.M):
+    more_sets, more_reads = _macros(included)
+    sets, reads = sets | more_sets, reads | more_reads
+  return sets, reads
+
+
+def _needs(rel: str) -> Set[str]:
+  """Macros `rel` reads that neither it nor runs/train.gin sets."""
+  sets, reads = _macros(rel)
+  return {m for m in reads - sets - _macros("runs/train.gin")[0]
+          if not m.startswith("gin.")}
+
+
+def _partner(rel: str) -> str:
+  """The models/ file for a datasets/ file `rel`, or the other way round:
+  the first (synthetic data first) that sets every macro the other reads."""
+  other = "datasets/" if rel.startswith("models/") else "models/"
+  candidates = sorted((f for f in ALL_GIN_FILES if f.startswith(other)),
+                      key=lambda f: ("synthetic" not in f, f))
+  for candidate in candidates:
+    if (_needs(rel) <= _macros(candidate)[0]
+        and _needs(candidate) <= _macros(rel)[0]):
+      return candidate
+  raise AssertionError(f"no {other} file sets the macros {rel} reads "
+                       f"({sorted(_needs(rel))})")
 
 
 def _combination(rel: str):
@@ -42,9 +83,9 @@ def _combination(rel: str):
   if rel == "quickstart.gin":
     return "runs/train.gin", ["runs/train.gin", rel]
   if top == "datasets":
-    return "runs/train.gin", ["runs/train.gin", "models/bert4rec.gin", rel]
+    return "runs/train.gin", ["runs/train.gin", _partner(rel), rel]
   if top == "models":
-    return "runs/train.gin", ["runs/train.gin", rel, "datasets/synthetic.gin"]
+    return "runs/train.gin", ["runs/train.gin", rel, _partner(rel)]
   if top == "experiments":  # complete run configs, used alone
     return "runs/train.gin", ["runs/train.gin", rel]
   # Overlays (partitioning/, runs/evaluation.gin, ...): on top of quickstart.
@@ -109,16 +150,28 @@ def test_gin_file_parses_finalizes_and_builds(rel, tiny_data, tmp_path):
   rules = dict(mesh_config.logical_rules())
   assert rules["batch"] == partitioning.DATA_AXIS
   model = args["model"]
-  assert isinstance(model, model_lib.SequenceRecModel)
-  assert model.num_items == 150  # sized from the dataset, not the gin file
+  assert isinstance(model, base.BaseModel)
+  # Sized from the dataset, not the gin file.
+  if isinstance(model, model_lib.SequenceRecModel):
+    assert model.num_items == 150
+  else:  # text models: the dataset's SentencePiece pieces + sentinels
+    assert model.config.vocab_size >= TINY_TEXT_VOCAB
 
-  if fn is not runs.export:
+  if "data" in args:
     data = args["data"]
-    assert isinstance(data, input_pipeline.SequenceData)
-    assert data.data_dir == tiny_data and data.name == TEST_TASK
-    assert data.max_len == model.max_len, "data and model disagree on MAX_LEN"
-    assert isinstance(args["evaluation"], evaluation.EvalConfig)
-    assert TEST_TASK in seqio.TaskRegistry.names()
+    # A mixture (datasets/*_mixture.gin) draws from several sources.
+    sources = getattr(data, "sources", [data])
+    assert TEST_TASK in [d.name for d in sources]
+    for d in sources:
+      assert d.data_dir == tiny_data
+      if isinstance(d, input_pipeline.SequenceData):
+        assert d.max_len == model.max_len, "data and model disagree on MAX_LEN"
+        assert d.name in seqio.TaskRegistry.names()
+  if "evaluation" in args:
+    if isinstance(model, model_lib.SequenceRecModel):
+      assert isinstance(args["evaluation"], evaluation.EvalConfig)
+    else:
+      assert callable(getattr(args["evaluation"], "evaluate", None))
   if fn is runs.train:
     loop, optimizer = args["loop"], args["optimizer"]
     assert isinstance(loop, trainer.TrainLoopConfig)
@@ -192,15 +245,195 @@ RUN_CONFIGS = ["quickstart.gin"] + [f for f in ALL_GIN_FILES
                                     if f.startswith("experiments/")]
 
 
-@pytest.mark.parametrize("run_gin", ["runs/eval.gin", "runs/export.gin"])
+@pytest.mark.parametrize("run_gin", sorted(RUN_FUNCTIONS))
 @pytest.mark.parametrize("rel", RUN_CONFIGS)
-def test_run_configs_parse_for_eval_and_export(run_gin, rel, tiny_data,
-                                               tmp_path):
-  # README passes one --gin_file to train, eval and export alike, so a run
-  # config's training bindings (optimizer, loop) must parse for all three.
+def test_run_configs_parse_for_every_entry_point(run_gin, rel, tiny_data,
+                                                 tmp_path):
+  # README and launch/local.sh pass the same --gin_file and --gin.NAME flags
+  # to train, eval, export (and predict), so a run config's training bindings and
+  # macros (TRAIN_STEPS, EVAL_EVERY: read only by runs/train.gin) must parse
+  # for all three without an "unused" error.
   gin_utils.parse_gin([run_gin, rel], [
       f"DATA_DIR = '{tiny_data}'", f"MODEL_DIR = '{tmp_path}'",
-      f"TASK_NAME = '{TEST_TASK}'"])
+      f"TASK_NAME = '{TEST_TASK}'", "TRAIN_STEPS = 3", "EVAL_EVERY = 2"])
   args = _build_run_arguments(RUN_FUNCTIONS[run_gin])
   assert args["model_dir"] == str(tmp_path)
-  assert isinstance(args["model"], model_lib.Bert4RecModel)
+  assert isinstance(args["model"], base.BaseModel)
+
+
+def test_every_macro_a_repo_file_sets_is_read_by_a_repo_file():
+  # The rule that makes TRAIN_STEPS legal for eval (gin_checks): a macro
+  # some repo gin file reads is never "unused". A repo file setting a macro
+  # no repo file reads would fail every entry point that parses it.
+  reads = gin_sources.repo_macro_reads(gin_utils.REPO_GIN_DIR)
+  assert {"TRAIN_STEPS", "MODEL_DIR", "DATA", "MODEL"} <= reads
+  for rel in ALL_GIN_FILES:
+    with open(os.path.join(GIN_DIR, rel)) as f:
+      statements, _ = gin_sources.parse_written(f.read(), where=rel)
+    for st in statements:
+      if st.macro:
+        assert st.macro in reads, f"{st.where}: {st.macro} is read nowhere"
+
+
+# -- configuration mistakes: one line naming the flag or file and line ------
+
+
+def _gin_error(files, bindings) -> str:
+  """The GinConfigError message of parsing `files` + `bindings`."""
+  with pytest.raises(gin_utils.GinConfigError) as err:
+    gin_utils.parse_gin(files, bindings)
+  message = str(err.value)
+  assert "\n" not in message, message
+  return message
+
+
+QUICKSTART = ["runs/train.gin", "quickstart.gin"]
+MODEL_DIR = "MODEL_DIR = 'runs/x'"
+
+
+@pytest.mark.parametrize("binding,expected", [
+    # A macro nothing reads, with the closest known names.
+    ("TRAIN_STEPZ = 5", "--gin.TRAIN_STEPZ=5 is not used by anything; did "
+     "you mean TRAIN_STEPS?"),
+    ("LEARNING_RATE = 1e-3", "--gin.LEARNING_RATE=1e-3 is not used by "
+     "anything; did you mean trainer.OptimizerConfig.learning_rate?"),
+    ("NOTHING_LIKE_IT = 1", "--gin.NOTHING_LIKE_IT=1 is not used by "
+     "anything; no gin binding reads %NOTHING_LIKE_IT"),
+    # Values gin cannot read.
+    ("TRAIN_STEPS = abc", "--gin.TRAIN_STEPS=abc: abc is not a value gin can"
+     " read: expected a Python literal (5, 1e-3, True, None, 'text', (1, 2)),"
+     " a %MACRO or an @configurable() (strings need quotes: "
+     "--gin.TRAIN_STEPS=\"'abc'\")"),
+    ("MODEL_DIR = runs/y", "--gin.MODEL_DIR=runs/y: runs/y is not a value "
+     "gin can read"),
+    ("TRAIN_STEPS = (3,", "--gin.TRAIN_STEPS=(3,: unbalanced brackets or "
+     "quotes"),
+    # Values of the wrong type, directly or through a macro.
+    ("trainer.OptimizerConfig.learning_rate = 'x'",
+     "--gin.trainer.OptimizerConfig.learning_rate='x': "
+     "trainer.OptimizerConfig.learning_rate expects a float, not the str "
+     "'x'"),
+    ("TRAIN_STEPS = 1e4", "--gin.TRAIN_STEPS=1e4: TRAIN_STEPS is read by "
+     "trainer.TrainLoopConfig.train_steps, which expects an int, not the "
+     "float 10000.0"),
+    ("trainer.TrainLoopConfig.local_accumulation = 1",
+     "--gin.trainer.TrainLoopConfig.local_accumulation=1: "
+     "trainer.TrainLoopConfig.local_accumulation expects a bool (True/False),"
+     " not the int 1"),
+    ("evaluation.EvalConfig.splits = 'test'",
+     "--gin.evaluation.EvalConfig.splits='test': evaluation.EvalConfig.splits "
+     "expects a tuple or list of strings, not the str 'test'"),
+    ("evaluation.EvalConfig.ks = (1, 'a')",
+     "--gin.evaluation.EvalConfig.ks=(1, 'a'): evaluation.EvalConfig.ks "
+     "expects a tuple or list of ints, not the tuple (1, 'a')"),
+    # Unknown configurables and parameters, with the closest names.
+    ("trainerr.OptimizerConfig.learning_rate = 1",
+     "--gin.trainerr.OptimizerConfig.learning_rate=1: no configurable named "
+     "trainerr.OptimizerConfig; did you mean trainer.OptimizerConfig?"),
+    ("builders.bert4rec.hiddenn = 3", "--gin.builders.bert4rec.hiddenn=3: "
+     "builders.bert4rec has no parameter 'hiddenn'; did you mean hidden?"),
+    # A macro read but set nowhere.
+    ("trainer.OptimizerConfig.learning_rate = %LR",
+     "--gin.trainer.OptimizerConfig.learning_rate=%LR reads %LR, but no gin "
+     "file or --gin.LR=... sets it; set it or fix the name"),
+])
+def test_flag_mistakes_are_one_line_naming_the_flag(binding, expected):
+  assert _gin_error(QUICKSTART, [MODEL_DIR, binding]).startswith(expected)
+
+
+def test_values_that_fit_their_annotations_parse():
+  gin_utils.parse_gin(QUICKSTART, [
+      MODEL_DIR,
+      "trainer.OptimizerConfig.learning_rate = 1",     # int for a float
+      "trainer.OptimizerConfig.clip_norm = None",      # Optional[float]
+      "trainer.TrainLoopConfig.keep_checkpoints = None",
+      "evaluation.EvalConfig.ks = [1, 10]",            # list for a Sequence
+      "LR = 3e-3", "trainer.OptimizerConfig.warmup_steps = %STEPS",
+      "STEPS = %WARMUP", "WARMUP = 7",                 # read through macros
+      "trainer.OptimizerConfig.learning_rate = %LR"])
+  assert gin.query_parameter("trainer.OptimizerConfig.warmup_steps") is not (
+      None)
+
+
+def test_macro_read_only_by_an_unread_macro_blames_the_unread_one():
+  message = _gin_error(QUICKSTART, [MODEL_DIR, "A = %B", "B = 3"])
+  assert message == "--gin.A=%B is not used by anything; no gin binding reads %A"
+
+
+def test_macros_of_other_entry_points_are_not_errors(tiny_data):
+  # eval parses no runs/train.gin, yet quickstart.gin and launch/local.sh
+  # set TRAIN_STEPS and BATCH_SIZE for it: repo gin files read them.
+  gin_utils.parse_gin(["runs/eval.gin", "quickstart.gin"], [
+      MODEL_DIR, f"DATA_DIR = '{tiny_data}'", "TRAIN_STEPS = 5",
+      "BATCH_SIZE = 8", "EVAL_EVERY = 2"])
+  gin.clear_config()
+  assert _gin_error(["runs/eval.gin", "quickstart.gin"], [
+      MODEL_DIR, "TRAIN_STEPZ = 5"]).startswith(
+          "--gin.TRAIN_STEPZ=5 is not used by anything; did you mean "
+          "TRAIN_STEPS?")
+
+
+def _write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("text,line,expected", [
+    ("include 'quickstart.gin'\nTRAIN_STEPZ = 5\n", 2,
+     "'TRAIN_STEPZ = 5' ({path}, line 2) is not used by anything; did you "
+     "mean TRAIN_STEPS?"),
+    ("include 'quickstart.gin'\ntrainer.OptimizerConfig:\n"
+     "  learning_rate = 'x'\n", 3,
+     "\"learning_rate = 'x'\" ({path}, line 3): "
+     "trainer.OptimizerConfig.learning_rate expects a float, not the str "
+     "'x'"),
+    ("include 'quickstart.gin'\nTRAIN_STEPS = abc\n", 2,
+     "'TRAIN_STEPS = abc' ({path}, line 2): abc is not a value gin can read"),
+    ("include 'quickstart.gin'\nbuilders.bert4rec:\n  hiddenn = 3\n", 3,
+     "'hiddenn = 3' ({path}, line 3): builders.bert4rec has no parameter "
+     "'hiddenn'; did you mean hidden?"),
+    ("from __gin__ import dynamic_registration\n"
+     "from recsys_jax.core import trainer\ninclude 'quickstart.gin'\n"
+     "trainerr.OptimizerConfig.learning_rate = 1\n", 4,
+     "'trainerr.OptimizerConfig.learning_rate = 1' ({path}, line 4): "
+     "trainerr is not imported in this file; did you mean "
+     "trainer.OptimizerConfig?"),
+    ("from __gin__ import dynamic_registration\n"
+     "from recsys_jax.core import trainer\ninclude 'quickstart.gin'\n"
+     "trainer.OptimizerConfigg.learning_rate = 1\n", 4,
+     "'trainer.OptimizerConfigg.learning_rate = 1' ({path}, line 4): "
+     "recsys_jax.core.trainer has no attribute OptimizerConfigg; did you "
+     "mean trainer.OptimizerConfig?"),
+    ("include 'quickstart.gin'\nTRAIN_STEPS = (1,\n", None,
+     "{path}: unbalanced brackets or quotes"),
+    ("include 'no_such_file.gin'\n", 1,
+     "\"include 'no_such_file.gin'\" ({path}, line 1): no gin file "
+     "no_such_file.gin (searched"),
+])
+def test_file_mistakes_are_one_line_naming_file_and_line(text, line, expected,
+                                                         tmp_path):
+  del line  # in `expected`
+  path = _write(tmp_path, "mine.gin", text)
+  message = _gin_error(["runs/train.gin", path], [MODEL_DIR])
+  # Paths outside the working directory are shown as given.
+  assert message.startswith(expected.format(path=path)), message
+
+
+def test_unknown_gin_file_names_the_search_path():
+  message = _gin_error(["runs/train.gin", "no_such_run.gin"], [MODEL_DIR])
+  assert message.startswith("no gin file no_such_run.gin (searched [")
+  assert gin_utils.REPO_GIN_DIR in message
+
+
+def test_config_validation_message():
+  gin_utils.parse_gin(QUICKSTART, [
+      MODEL_DIR, "TRAIN_STEPS = 3",
+      "trainer.TrainLoopConfig.num_microbatches = 3"])
+  with pytest.raises(ValueError) as err:
+    gin.get_configurable(trainer.TrainLoopConfig)()
+  message = gin_utils.config_validation_message(err.value)
+  assert message.startswith("TrainLoopConfig.num_microbatches=3 must divide "
+                            "TrainLoopConfig.batch_size=64"), message
+  assert "In call to configurable" not in message and "\n" not in message
+  assert gin_utils.config_validation_message(ValueError("other")) is None

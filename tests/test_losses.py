@@ -178,26 +178,70 @@ def test_alias_table_is_exact():
         jax.random.PRNGKey(0), lp)
 
 
+def np_info_nce_rows(a, b, t, normalize=True):
+  """Per-row symmetric InfoNCE, float64: (CE(a_i -> b) + CE(b_i -> a)) / 2."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if normalize:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+  s = a @ b.T / t
+  return 0.5 * (-np.diag(np_log_softmax(s)) - np.diag(np_log_softmax(s.T)))
+
+
 def test_info_nce_matches_numpy():
   rng = np.random.default_rng(4)
   a = rng.normal(size=(6, 8)).astype(np.float32)
   b = rng.normal(size=(6, 8)).astype(np.float32)
   t = 0.1
-  an = a / np.linalg.norm(a, axis=1, keepdims=True)
-  bn = b / np.linalg.norm(b, axis=1, keepdims=True)
-  s = an @ bn.T / t
-  ref = 0.5 * (-np.diag(np_log_softmax(s)).mean()
-               - np.diag(np_log_softmax(s.T)).mean())
-  np.testing.assert_allclose(losses.info_nce(a, b, t), ref, rtol=1e-5)
-  np.testing.assert_allclose(losses.info_nce(b, a, t), ref, rtol=1e-5)
-  s_raw = a @ b.T / t
-  ref_raw = 0.5 * (-np.diag(np_log_softmax(s_raw)).mean()
-                   - np.diag(np_log_softmax(s_raw.T)).mean())
-  np.testing.assert_allclose(losses.info_nce(a, b, t, normalize=False),
-                             ref_raw, rtol=1e-5)
+  ref = np_info_nce_rows(a, b, t)
+  for x, y in ((a, b), (b, a)):  # symmetric
+    loss_sum, weight_sum = losses.info_nce(x, y, t)
+    np.testing.assert_allclose(loss_sum, ref.sum(), rtol=1e-5)
+    assert float(weight_sum) == 6.0
+  loss_sum, weight_sum = losses.info_nce(a, b, t, normalize=False)
+  np.testing.assert_allclose(loss_sum / weight_sum,
+                             np_info_nce_rows(a, b, t, False).mean(),
+                             rtol=1e-5)
   # Identical orthogonal rows at a low temperature: near-zero loss.
   eye = np.eye(6, 8, dtype=np.float32)
-  assert float(losses.info_nce(eye, eye, 0.01)) < 1e-6
+  assert float(losses.info_nce(eye, eye, 0.01)[0]) < 1e-6
+
+
+def test_info_nce_weights_drop_rows_as_losses_and_candidates():
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(7, 4)).astype(np.float32)
+  b = rng.normal(size=(7, 4)).astype(np.float32)
+  w = np.array([1, 0, 2, 1, 0, 1, 0.5], np.float32)
+  keep = w > 0
+  # The padding rows are as good as absent: the same as the loss over the
+  # weighted rows alone.
+  ref = np_info_nce_rows(a[keep], b[keep], 0.2)
+  loss_sum, weight_sum = losses.info_nce(a, b, 0.2, weights=w)
+  np.testing.assert_allclose(loss_sum, (w[keep] * ref).sum(), rtol=1e-5)
+  np.testing.assert_allclose(weight_sum, w.sum())
+  with pytest.raises(ValueError, match=r"weights have shape \(6,\)"):
+    losses.info_nce(a, b, weights=w[:6])
+
+
+def test_info_nce_sums_add_up_over_micro_batches():
+  """Sums (not means) make accumulation exact: two halves' sums add up to
+  the sum of the per-half losses, whatever their weight sums."""
+  rng = np.random.default_rng(6)
+  a = rng.normal(size=(8, 4)).astype(np.float32)
+  b = rng.normal(size=(8, 4)).astype(np.float32)
+  w = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+  halves = [losses.info_nce(a[i::2], b[i::2], 0.5, weights=w[i::2])
+            for i in range(2)]
+  total = sum(float(l) for l, _ in halves) / sum(float(n) for _, n in halves)
+  ref = np.concatenate([np_info_nce_rows(a[i::2][w[i::2] > 0],
+                                         b[i::2][w[i::2] > 0], 0.5)
+                        for i in range(2)])
+  np.testing.assert_allclose(total, ref.mean(), rtol=1e-5)
+  # The weight sums differ (3 and 2): the mean of the halves' means is not
+  # the accumulated mean, so this test separates sums from means.
+  assert [float(n) for _, n in halves] == [3.0, 2.0]
+  means = [float(l) / float(n) for l, n in halves]
+  assert abs(np.mean(means) - total) > 1e-3
 
 
 def test_loss_chunks():

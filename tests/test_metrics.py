@@ -1,4 +1,4 @@
-"""Ranking metrics, sampled protocol, popularity baseline, sharded rank/top-k.
+"""Ranking metrics, sampled protocol, the Evaluator, sharded rank/top-k.
 
 References are hand-computed cases and a NumPy loop re-implementation of the
 pessimistic rank; multi-device checks run in a subprocess with 8 emulated CPU
@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recsys_jax.core import partitioning
+from recsys_jax.evaluation import evaluator
 from recsys_jax.evaluation import metrics
 from recsys_jax.evaluation import ranking
 
@@ -227,11 +229,27 @@ def test_sample_negatives_errors():
     metrics.sample_negatives(0, [1], None, 5, 2, "zipf")
 
 
-# ---------------------------------------------------------------- loops
+# ---------------------------------------------------------------- Evaluator
+# The device path (evaluator.Evaluator: jitted score + rank, host-sampled
+# negatives) against hand-computed ranks and a NumPy reference.
+
+
+class _ConstantModel:
+  """A model scoring every row with the same [N] vector (its params)."""
+
+  def __init__(self, num_items):
+    self.num_items = num_items
+
+  def score_fn(self, params, batch):
+    return jnp.broadcast_to(params, (batch["item_ids"].shape[0],
+                                     self.num_items))
 
 
 def _eval_batch(histories, targets):
-  """Rows: history items then [MASK]; target at the [MASK] position."""
+  """Rows: history items then [MASK]; target at the [MASK] position.
+
+  A target of 0 makes a padding row (valid 0).
+  """
   n_mask = 99
   length = max(len(h) for h in histories) + 1
   item_ids = np.zeros((len(histories), length), np.int32)
@@ -241,38 +259,71 @@ def _eval_batch(histories, targets):
     if t:
       item_ids[row, len(h)] = n_mask
       tgt[row, len(h)] = t
-  return {"item_ids": item_ids, "targets": tgt}
+  valid = (np.asarray(targets) > 0).astype(np.float32)
+  return {"item_ids": item_ids, "targets": tgt, "valid": valid}
 
 
-def test_popularity_baseline_full_and_sampled():
+def _expected(ranks, ks, protocol):
+  """Metric means of 0-based ranks by the definitions (NumPy, float64)."""
+  r = np.asarray(ranks, np.float64)
+  out = {f"HR@{k}": float(np.mean(r < k)) for k in ks}
+  out.update({f"NDCG@{k}": float(np.mean(np.where(r < k, 1 / np.log2(r + 2),
+                                                   0.0))) for k in ks})
+  out.update(MRR=float(np.mean(1 / (r + 1))), num_users=len(r),
+             protocol=protocol)
+  return out
+
+
+def _assert_results(got, want):
+  assert set(got) == set(want)
+  for k, v in want.items():
+    if isinstance(v, float):
+      assert got[k] == pytest.approx(v, abs=1e-12), k
+    else:
+      assert got[k] == v, k
+
+
+def _evaluator(num_items, **cfg_kwargs):
+  return evaluator.Evaluator(
+      _ConstantModel(num_items), partitioning.make_mesh(1),
+      partitioning.DATA_PARALLEL_RULES, evaluator.EvalConfig(**cfg_kwargs))
+
+
+@pytest.mark.parametrize("length_buckets", [False, True])
+def test_popularity_baseline_full_and_sampled(length_buckets):
   counts = np.array([5, 3, 3, 1, 0])  # items 1..5
   batch = _eval_batch([[1], [2, 3], [4], [1]], [2, 4, 1, 0])  # last: padding
-  res = metrics.evaluate_popularity(counts, [batch], ks=(1, 2))
+  common = dict(ks=(1, 2), length_buckets=length_buckets, bucket_multiple=1)
+  res = _evaluator(5, **common).evaluate(None, [batch], score_override=counts)
   # Ranks: item 2 ties item 3 -> 2; item 4 -> 3; item 1 -> 0.
-  r = np.array([2, 3, 0])
-  assert res["protocol"] == "full_ranking" and res["num_users"] == 3
-  assert res["HR@1"] == pytest.approx(1 / 3)
-  assert res["HR@2"] == pytest.approx(1 / 3)
-  assert res["MRR"] == pytest.approx(np.mean(1 / (r + 1)))
+  _assert_results(res, _expected([2, 3, 0], (1, 2), "full_ranking"))
 
-  res = metrics.evaluate_popularity(counts, [batch], ks=(1, 2),
-                                    exclude_history=True)
+  res = _evaluator(5, exclude_history=True, **common).evaluate(
+      None, [batch], score_override=counts)
   # Without history: row 0 drops item 1 -> 1; row 1 drops 2, 3 -> item 4
   # beats only 1 -> 1; row 2 drops 4 -> 0.
-  r = np.array([1, 1, 0])
-  assert res["protocol"] == "full_ranking_excluding_history"
-  assert res["MRR"] == pytest.approx(np.mean(1 / (r + 1)))
+  _assert_results(res, _expected([1, 1, 0], (1, 2),
+                                 "full_ranking_excluding_history"))
 
-  res = metrics.evaluate_popularity(counts, [batch], ks=(1,), num_negatives=1,
-                                    sampling="uniform", seed=3)
-  assert res["protocol"] == "sampled_1_uniform" and res["num_users"] == 3
-  again = metrics.evaluate_popularity(counts, [batch], ks=(1,),
-                                      num_negatives=1, sampling="uniform",
-                                      seed=3)
+  sampled = dict(common, ks=(1,), protocol="sampled", num_negatives=1,
+                 negative_sampling="uniform", seed=3)
+  res = _evaluator(5, **sampled).evaluate(None, [batch], score_override=counts)
+  again = _evaluator(5, **sampled).evaluate(None, [batch],
+                                            score_override=counts)
   assert res == again
+  # NumPy reference: the same negatives (seed + process index 0, padding
+  # rows drawn for target 1), ranked by counting negatives scoring >= target.
+  targets = np.array([2, 4, 1, 1])
+  neg = metrics.sample_negatives(np.random.default_rng(3), targets,
+                                 batch["item_ids"], 5, 1, "uniform")
+  ranks = [(counts[neg[i] - 1] >= counts[t - 1]).sum()
+           for i, t in enumerate(targets[:3])]
+  if not length_buckets:  # bucketing reorders rows, hence which draw is whose
+    _assert_results(res, _expected(ranks, (1,), "sampled_1_uniform"))
+  assert res["protocol"] == "sampled_1_uniform" and res["num_users"] == 3
 
 
-def test_evaluate_ranking_sampled_matches_manual_ranks():
+def test_evaluator_sampled_matches_numpy_reference():
   n = 50
   rng = np.random.default_rng(3)
   w = rng.normal(size=n).astype(np.float32)
@@ -280,36 +331,48 @@ def test_evaluate_ranking_sampled_matches_manual_ranks():
   targets = rng.integers(1, n + 1, size=6).tolist()
   batch = _eval_batch(histories, targets)
   batch["item_ids"][batch["item_ids"] == 99] = n + 1
-
-  def score_fn(params, b):
-    return jnp.broadcast_to(params, (b["item_ids"].shape[0], n))
-
   counts = rng.integers(1, 10, size=n)
-  res = metrics.evaluate_ranking(score_fn, w, [batch], ks=(1, 10),
-                                 num_negatives=8, item_counts=counts, seed=5)
+  ev = _evaluator(n, ks=(1, 10), protocol="sampled", num_negatives=8,
+                  negative_sampling="popularity", seed=5,
+                  length_buckets=False)
+  res = ev.evaluate(jnp.asarray(w), [batch], item_counts=counts)
   neg = metrics.sample_negatives(np.random.default_rng(5), targets,
                                  batch["item_ids"], n, 8, "popularity", counts)
   manual = [(w[neg[i] - 1] >= w[t - 1]).sum() for i, t in enumerate(targets)]
-  assert res["protocol"] == "sampled_8_popularity"
-  assert res["MRR"] == pytest.approx(np.mean(1 / (np.array(manual) + 1)))
+  _assert_results(res, _expected(manual, (1, 10), "sampled_8_popularity"))
+
+
+def test_evaluator_full_ranking_matches_numpy_reference():
+  n, b = 30, 12
+  rng = np.random.default_rng(7)
+  w = rng.integers(0, 4, size=n).astype(np.float32)  # many ties
+  histories = [rng.integers(1, n + 1, size=rng.integers(1, 6)).tolist()
+               for _ in range(b)]
+  targets = rng.integers(1, n + 1, size=b).tolist()
+  batch = _eval_batch(histories, targets)
+  batch["item_ids"][batch["item_ids"] == 99] = n + 1
+  for exclude in (False, True):
+    res = _evaluator(n, ks=(1, 5, 10), exclude_history=exclude,
+                     bucket_multiple=2).evaluate(jnp.asarray(w), [batch])
+    ranks = reference_rank(np.tile(w, (b, 1)), targets,
+                           batch["item_ids"] if exclude else None)
+    protocol = ("full_ranking_excluding_history" if exclude
+                else "full_ranking")
+    _assert_results(res, _expected(ranks, (1, 5, 10), protocol))
 
 
 def test_eval_batch_targets_rejects_two_targets():
   batch = {"item_ids": np.array([[1, 9, 9]]), "targets": np.array([[0, 2, 3]])}
   with pytest.raises(ValueError, match="row 0 has 2 targets"):
-    metrics.eval_batch_targets(batch)
+    evaluator.eval_batch_targets(batch)
   with pytest.raises(KeyError, match="targets"):
-    metrics.eval_batch_targets({"item_ids": batch["item_ids"]})
-
-
-def test_popularity_scores_validation():
-  np.testing.assert_array_equal(metrics.popularity_scores([2, 0, 5]),
-                                [2.0, 0.0, 5.0])
-  with pytest.raises(ValueError, match=">= 0"):
-    metrics.popularity_scores([1, -1])
-  np.testing.assert_array_equal(
-      metrics.count_items([[1, 2, 2, 0], [5, 6, 3]], num_items=5),
-      [1, 2, 1, 0, 1])
+    evaluator.eval_batch_targets({"item_ids": batch["item_ids"]})
+  ids, history, has_target = evaluator.eval_batch_targets(
+      {"item_ids": np.array([[1, 9], [0, 0]]),
+       "targets": np.array([[0, 4], [0, 0]])})
+  np.testing.assert_array_equal(ids, [4, 0])
+  np.testing.assert_array_equal(history, [[1, 9], [0, 0]])
+  np.testing.assert_array_equal(has_target, [True, False])
 
 
 # ---------------------------------------------------------------- top-k

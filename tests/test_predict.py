@@ -34,7 +34,7 @@ def test_predict_writes_top_k_that_agree_with_evaluation(reference, tiny_data,
                                              if isinstance(u["user_id"], bytes)
                                              else str(u["user_id"])
                                              for u in users]
-  titles = [""] + [item.get("title") or item["id"]
+  titles = [""] + [item.get("title") or item["item_id"]
                    for item in prepared.read_items(tiny_data)]
   for r, u in zip(records, users):
     seq = [int(i) for i in u["item_ids"]]
@@ -78,3 +78,33 @@ def test_predict_max_users_and_validation_split(reference, tiny_data,
   # Whole batches (256 rows) hold the 200 users: max_users rounds up.
   assert 10 <= len(records) <= 200
   assert all(len(r["top_k"]) == 3 for r in records)
+
+
+def test_text_model_trains_evaluates_and_predicts_through_the_entry_points(
+    tiny_data, tmp_path):
+  """A tiny T5 through `train` (with generation evaluation) and `predict`."""
+  from tests.test_text_tasks import SMOKE_BINDINGS  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path / "t5")
+  flags = ["--gin_file=gin/experiments/synthetic_t5_titles.gin",
+           f"--gin.DATA_DIR='{tiny_data}'", f"--gin.MODEL_DIR='{model_dir}'",
+           "--gin.TASK_NAME='predict_smoke_text'"] + [
+               "--gin." + b.replace(" = ", "=") for b in SMOKE_BINDINGS]
+  res = run_entry("recsys_jax.train", flags + [
+      "--gin.TRAIN_STEPS=20", "--gin.EVAL_EVERY=20", "--gin.BATCH_SIZE=16",
+      "--gin.trainer.TrainLoopConfig.log_every=10"]).check()
+  assert "token_accuracy" in res.stdout
+  assert "[eval step 20] validation" in res.stdout, res.stdout
+  with open(os.path.join(model_dir, "eval", "eval_step20.json")) as f:
+    evaluated = json.load(f)
+  assert {"bleu", "rougeL", "num_examples"} <= set(evaluated["validation"])
+  run_entry("recsys_jax.predict", flags + ["--gin.PREDICT_SPLIT='validation'"]
+            ).check()
+  records = _records(os.path.join(model_dir, "predict",
+                                  "validation_step20.jsonl"))
+  assert len(records) == evaluated["validation"]["num_examples"]
+  titles = {item["index"]: item["title"]
+            for item in prepared.read_items(tiny_data)}
+  for r in records:
+    assert isinstance(r["generated"], str)
+    assert r["reference"] == titles[r["item_index"]]
+    assert r["input"] and r["reference"] not in ("",)

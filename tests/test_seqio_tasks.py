@@ -8,9 +8,10 @@ import seqio
 import tensorflow as tf
 
 from recsys_jax.data import prepared
-from recsys_jax.seqio_ext import feature_converters as fc
+from recsys_jax.seqio_ext import batching as fc
 from recsys_jax.seqio_ext import sources
 from tasks import sequence_tasks
+from tests import helpers
 
 L = 5
 # Raw ids are 1..15 and all used, so vocabulary index == raw id; [MASK] = 16.
@@ -265,8 +266,25 @@ def test_missing_directory_fails_lazily(tmp_path):
     t.num_input_examples("test")
 
 
+def test_importing_registers_no_task():
+  # Registration is explicit (SequenceData, register_builtin_tasks); a fresh
+  # process importing the tasks and the input pipeline registers nothing.
+  res = helpers.run_script(
+      "import seqio, tasks\n"
+      "from tasks import sequence_tasks\n"
+      "from recsys_jax.input_pipeline import sequence_data\n"
+      "print('TASKS', sorted(seqio.TaskRegistry.names()))\n"
+      "sequence_tasks.register_builtin_tasks()\n"
+      "print('BUILTIN', sorted(seqio.TaskRegistry.names()))\n").check()
+  lines = dict(l.split(" ", 1) for l in res.stdout.splitlines()
+               if l.startswith(("TASKS", "BUILTIN")))
+  assert lines["TASKS"] == "[]"
+  assert lines["BUILTIN"] == str(sorted(sequence_tasks.BUILTIN))
+
+
 def test_builtin_tasks(data_dir, tmp_path):
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  assert sorted(sequence_tasks.register_builtin_tasks()) == sorted(
+      sequence_tasks.BUILTIN)
   for name in sequence_tasks.BUILTIN:
     assert name in seqio.TaskRegistry.names()
   root = tmp_path / "root"

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recsys_jax.models import layers
 from recsys_jax.models import t5
 from recsys_jax.models import t5_layers
 
@@ -94,7 +95,7 @@ def random_params(config, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(config, enable_dropout=False):
+def _forward(config, deterministic=True):
   """Jitted teacher-forced logits `(params, enc, dec[, rng]) -> [B, T, V]`.
 
   Cached so that tests sharing a config share one compilation.
@@ -102,7 +103,7 @@ def _forward(config, enable_dropout=False):
   model = t5.T5(config)
   return jax.jit(lambda p, e, d, rng=None: model.apply(
       {"params": p}, e, d, rngs=None if rng is None else {"dropout": rng},
-      enable_dropout=enable_dropout))
+      deterministic=deterministic))
 
 
 # Layer tests -----------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_relative_position_bucket_hand_cases():
 def test_rms_norm_matches_numpy():
   rng = np.random.RandomState(0)
   x = rng.randn(2, 5, 16).astype(np.float32) * 3 + 1
-  norm = t5_layers.RMSNorm(epsilon=1e-6)
+  norm = layers.RMSNorm(epsilon=1e-6)
   params = norm.init(jax.random.PRNGKey(0), x)
   scale = rng.rand(16).astype(np.float32) + 0.5
   params = {"params": {"scale": scale}}
@@ -172,15 +173,21 @@ def test_attention_matches_numpy():
   mask = rng.rand(2, 1, 5, 7) > 0.3
   mask[..., 0] = True
   bias = rng.randn(1, 3, 5, 7).astype(np.float32)
-  attn = t5_layers.MultiHeadAttention(num_heads=3, d_kv=5)  # 15 != 12
-  variables = attn.init(jax.random.PRNGKey(0), xq, xkv, mask, bias)
+  # T5's configuration of the shared attention: joined bias-free kernels,
+  # no query scaling; the reference selects -1e10 where ours adds a bias.
+  config = t5.T5Config.tiny(d_model=12, num_heads=3, d_kv=5)  # 15 != 12
+  attn = t5_layers.attention(config, "attention")
+  variables = attn.init(jax.random.PRNGKey(0), xq, xkv, mask=mask, bias=bias)
   p = _unbox(variables["params"])
+  assert set(p) == {"query", "key", "value", "out"}
+  assert all(set(p[k]) == {"kernel"} for k in p)  # no biases
   assert p["query"]["kernel"].shape == (12, 15)
   assert p["out"]["kernel"].shape == (15, 12)
-  got = attn.apply(variables, xq, xkv, mask, bias)
-  np.testing.assert_allclose(np.asarray(got),
-                             np_attention(xq, xkv, p, 3, mask, bias),
-                             rtol=1e-4, atol=1e-5)
+  want = np_attention(xq, xkv, p, 3, mask, bias)
+  for per_head in (True, False):
+    got = attn.clone(per_head=per_head).apply(variables, xq, xkv, mask=mask,
+                                              bias=bias)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("proj", ["relu", "gated-gelu", "gated-silu", "gelu"])
@@ -333,7 +340,7 @@ def test_tied_head_is_scaled_embedding():
 def test_dropout(tiny):
   config, params, enc, dec = tiny
   f = _forward(config)
-  drop = _forward(config, enable_dropout=True)
+  drop = _forward(config, deterministic=False)
   base = f(params, enc, dec)
   np.testing.assert_array_equal(np.asarray(f(params, enc, dec)),
                                 np.asarray(base))

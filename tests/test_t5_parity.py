@@ -23,6 +23,7 @@ from recsys_jax.checkpoint_import import t5 as t5_import
 from recsys_jax.checkpoint_import.common import CheckpointImportError
 from recsys_jax.models import t5
 from recsys_jax.models import t5_layers
+from recsys_jax.text import generation
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 # Small sizes that still exercise: heads*d_kv != d_model, unequal encoder and
@@ -145,8 +146,8 @@ def test_greedy_generation_matches_hf(hf_case):
         max_new_tokens=n, min_new_tokens=0, do_sample=False, num_beams=1,
         eos_token_id=1, pad_token_id=0, decoder_start_token_id=0,
         use_cache=False).numpy()
-  ours = t5.generate(t5.T5(config), params, jnp.asarray(enc),
-                     max_decode_len=n).tokens[:, 0]
+  ours = generation.generate(t5.T5(config), params, jnp.asarray(enc),
+                             max_decode_len=n).tokens[:, 0]
   hf = hf[:, 1:]  # drop the start token
   if kind == "mt5":  # this seed ends one row early: EOS/padding path covered
     assert (hf == 1).any() and (hf != 1).all(axis=1).any()

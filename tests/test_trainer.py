@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recsys_jax.model_lib import base
 from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.core import partitioning
 from recsys_jax.core import trainer
@@ -34,9 +35,9 @@ _BATCH = 4
 _TRUE_W = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
 
 
-class _LinearModel:
+class _LinearModel(base.BaseModel):
   """Least squares on 4 features with the wrapper API (get_initial_variables,
-  loss_fn); a NaN in the batch makes the loss NaN."""
+  loss_fn, its metric sums); a NaN in the batch makes the loss NaN."""
 
   def get_initial_variables(self, rng, batch_size=2):
     del batch_size
@@ -51,6 +52,9 @@ class _LinearModel:
     correct = jnp.sum((jnp.abs(err) < 0.5).astype(jnp.float32))
     return loss_sum / n, {"loss_sum": loss_sum, "weight_sum": n,
                           "correct_sum": correct}
+
+  def metric_sums(self):
+    return ("loss_sum", "weight_sum", "correct_sum")
 
 
 class _SimulatedCrash(Exception):

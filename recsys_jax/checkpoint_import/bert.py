@@ -5,8 +5,8 @@ HF key (after an optional `bert.` prefix)          -> our path
   embeddings.position_embeddings.weight             embeddings/position_embeddings/embedding
   embeddings.token_type_embeddings.weight           embeddings/token_type_embeddings/embedding
   embeddings.LayerNorm.{weight,bias}                embeddings/LayerNorm/{scale,bias}
-  encoder.layer.{i}.attention.self.{q,k,v}          layer_{i}/{query,key,value}  (kernel = W.T)
-  encoder.layer.{i}.attention.output.dense          layer_{i}/attention_output
+  encoder.layer.{i}.attention.self.{q,k,v}          layer_{i}/attention/{query,key,value}  (kernel = W.T)
+  encoder.layer.{i}.attention.output.dense          layer_{i}/attention/out
   encoder.layer.{i}.attention.output.LayerNorm      layer_{i}/attention_norm
   encoder.layer.{i}.intermediate.dense              layer_{i}/intermediate
   encoder.layer.{i}.output.dense                    layer_{i}/output
@@ -43,10 +43,10 @@ IGNORED_KEYS = (
 )
 
 _LINEAR_NAMES = {
-    "attention.self.query": "query",
-    "attention.self.key": "key",
-    "attention.self.value": "value",
-    "attention.output.dense": "attention_output",
+    "attention.self.query": "attention/query",
+    "attention.self.key": "attention/key",
+    "attention.self.value": "attention/value",
+    "attention.output.dense": "attention/out",
     "intermediate.dense": "intermediate",
     "output.dense": "output",
 }
@@ -184,4 +184,7 @@ def load_orbax(out_dir: str) -> Tuple[bert.BertConfig, Dict[str, Any]]:
   except (TypeError, ValueError) as e:
     raise CheckpointImportError(f"{cfg_path}: {e}") from e
   params = ocp.StandardCheckpointer().restore(os.path.join(out_dir, PARAMS_DIR))
+  common.check_tree(params, abstract_params(config), source=out_dir,
+                    rewrite=f"python -m recsys_jax.checkpoint_import.bert "
+                    f"--hf_dir=<the HF directory> --output_dir={out_dir}")
   return config, params

@@ -288,6 +288,34 @@ def assign_params(state_dict: Mapping[str, np.ndarray], target: Any,
   return unflatten_tree(out)
 
 
+def check_tree(params: Mapping[str, Any], target: Any, *, source: str,
+               rewrite: str) -> None:
+  """Raises unless `params` has exactly `target`'s paths and shapes.
+
+  For params written earlier (e.g. an orbax export) and read back without a
+  target: a tree from an older parameter layout is named as such, with the
+  command that rewrites it (`rewrite`), instead of failing later in `apply`.
+  """
+  got, want = flatten_tree(params), flatten_tree(target)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  mismatched = [f"{k}: {tuple(np.shape(got[k]))}, expected "
+                f"{tuple(want[k].shape)}" for k in sorted(set(got) & set(want))
+                if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+  problems = []
+  if missing:
+    problems.append(_listing("missing parameters", missing))
+  if unexpected:
+    problems.append(_listing("unexpected parameters", unexpected))
+  if mismatched:
+    problems.append(_listing("shape mismatches", mismatched))
+  if problems:
+    raise CheckpointImportError(
+        f"{source}: the parameters do not fit the model (" +
+        "; ".join(problems) + "); if they were written by an older version, "
+        f"rewrite them: {rewrite}")
+
+
 def check_same(state_dict: Mapping[str, np.ndarray], keys: Sequence[str], *,
                source: str = "checkpoint") -> Optional[str]:
   """The first of `keys` present; raises if the present ones differ.

@@ -186,6 +186,16 @@ def load_orbax(out_dir: str, *, encoder_only: bool = False
       raise
     raise CheckpointImportError(f"{cfg_path}: {e}") from e
   params = ocp.StandardCheckpointer().restore(os.path.join(out_dir, PARAMS_DIR))
+  saved_encoder_only = "decoder" not in params
+  if saved_encoder_only and not encoder_only:
+    raise CheckpointImportError(
+        f"{out_dir}: holds the encoder only (written with --encoder_only); "
+        "load it with encoder_only=True")
+  common.check_tree(
+      params, _param_shapes(config, saved_encoder_only), source=out_dir,
+      rewrite="python -m recsys_jax.checkpoint_import.t5 --hf_dir=<the HF "
+      f"directory> --output_dir={out_dir}" +
+      (" --encoder_only" if saved_encoder_only else ""))
   if encoder_only:
     params = t5_lib.encoder_params(params)
   return config, params

@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 import gin
 
+from recsys_jax.core import checkpoints
 from recsys_jax.core import distributed
 from recsys_jax.cli import gin_utils
 from recsys_jax.core import trainer
@@ -53,9 +54,8 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
     try:
       gin_utils.parse_gin([run_gin] + list(FLAGS.gin_file),
                           FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    except ValueError as e:
-      sys.exit(f"gin configuration error: "
-               f"{gin_utils.required_error_message(e)}")
+    except gin_utils.GinConfigError as e:  # one line: the flag or file, why
+      sys.exit(f"gin configuration error: {e}")
     configured = gin.get_configurable(fn)
     if write_config:
       model_dir = gin.query_parameter("MODEL_DIR/macro.value")
@@ -68,9 +68,17 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
           f.write(gin.config_str())
     try:
       configured()
-    except (FileNotFoundError, trainer.NonFiniteLossError) as e:
-      # User-facing conditions (no checkpoint/step/data, NaN loss): one line.
-      sys.exit(f"error: {e}")
+    except (FileNotFoundError, checkpoints.CheckpointError,
+            trainer.NonFiniteLossError) as e:
+      # User-facing conditions (no checkpoint/step/data, an unreadable or
+      # unfitting checkpoint, NaN loss): no traceback, nor gin's suffix.
+      sys.exit(f"error: {str(e).split(chr(10) + '  In call to')[0]}")
+    except ValueError as e:
+      # A config class rejecting its bound values (its __post_init__).
+      message = gin_utils.config_validation_message(e)
+      if message is None:
+        raise
+      sys.exit(f"gin configuration error: {message}")
     if write_config:
       import jax  # pylint: disable=g-import-not-at-top
       if jax.process_index() == 0:

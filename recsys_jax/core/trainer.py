@@ -1,8 +1,12 @@
 """The training loop: sharded state, a pure jitted train step, checkpoints.
 
-The trainer knows nothing about a model's loss: it calls the wrapper's
-`get_initial_variables` and `loss_fn(params, batch, rng) -> (loss, aux)`, where
-aux holds sums (`loss_sum`, `weight_sum`, `correct_sum`) it can average.
+The trainer knows nothing about a model's loss or metrics: it calls the
+wrapper's (model_lib.base.BaseModel) `get_initial_variables` and
+`loss_fn(params, batch, rng) -> (loss, aux)`, adds up the sums the model
+declares (`metric_sums()`: `loss_sum`, `weight_sum`, ...) over micro-batches,
+shards and log windows, and prints and logs what `summarize_metrics` makes
+of them. The optimizer (with frozen parameters) is core/optimizer.py;
+initialising from another run is core/init_from.py.
 """
 
 import dataclasses
@@ -10,7 +14,7 @@ import logging
 import math
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -22,7 +26,15 @@ import optax
 
 from recsys_jax.core import checkpoints
 from recsys_jax.core import distributed
+from recsys_jax.core import init_from as init_from_lib
+from recsys_jax.core import optimizer as optimizer_lib
 from recsys_jax.core import partitioning
+from recsys_jax.model_lib import base
+
+# The optimizer's names where gin files and callers have always found them
+# (`trainer.OptimizerConfig` in gin/runs/train.gin and experiment files).
+OptimizerConfig = optimizer_lib.OptimizerConfig
+make_optimizer = optimizer_lib.make_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,54 +46,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """AdamW with linear warm-up then linear or cosine decay, and clipping."""
-  learning_rate: float = 1e-3
-  warmup_steps: int = 100
-  decay: str = "linear"          # "linear" | "cosine" | "constant"
-  end_learning_rate_factor: float = 0.0
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_norm: Optional[float] = 1.0
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
-  warmup = max(0, min(cfg.warmup_steps, total_steps))
-  decay_steps = max(1, total_steps - warmup)
-  end = cfg.learning_rate * cfg.end_learning_rate_factor
-  if cfg.decay == "linear":
-    decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
-  elif cfg.decay == "cosine":
-    decay = optax.cosine_decay_schedule(
-        cfg.learning_rate, decay_steps, alpha=cfg.end_learning_rate_factor)
-  elif cfg.decay == "constant":
-    decay = optax.constant_schedule(cfg.learning_rate)
-  else:
-    raise ValueError(f"OptimizerConfig.decay={cfg.decay!r}: expected "
-                     "'linear', 'cosine' or 'constant'")
-  if warmup:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay],
-        [warmup])
-  else:
-    schedule = decay
-
-  # No weight decay on biases, layer-norm scales and other vectors.
-  def decay_mask(params):
-    return jax.tree.map(lambda p: np.ndim(p) > 1, params)
-
-  chain = []
-  if cfg.clip_norm:
-    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*chain), schedule
 
 
 def init_state(model, tx, rng, mesh, rules, init_batch_size: int = 2):
@@ -138,15 +102,24 @@ def microbatch(batch, index, num_microbatches: int):
 
 def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
                     local_accumulation: bool = False,
-                    mesh=None) -> Callable:
+                    mesh=None, frozen: Sequence[str] = ()) -> Callable:
   """The pure step `(state, batch, rng) -> (state, metrics)`.
+
+  The metrics are `loss`, each of `model.metric_sums()` (summed over the
+  batch), `grad_norm` and `learning_rate`.
+
+  `frozen` (regular expressions over '/'-joined parameter paths, as
+  `OptimizerConfig.frozen`): the loss is differentiated with respect to the
+  other parameters only, so no gradient of a frozen one is computed (nor
+  accumulated, nor all-reduced), and frozen leaves come out of the step
+  bit-identical whatever `tx` does (make_optimizer gives them no state).
 
   `num_microbatches` = n > 1 accumulates gradients (as t5x does): the global
   batch is split into n strided micro-batches (`microbatch`: rows i::n), run
   one after another in a `lax.scan`, each with dropout rng
   `fold_in(step_rng, i)`. Per micro-batch the gradient of the unnormalised
-  `loss_sum` is added to a float32 sum, with the `loss_sum`, `weight_sum`
-  and `correct_sum` metrics; the update uses grad_sum / max(weight_sum, 1)
+  `loss_sum` is added to a float32 sum, with the model's metric sums
+  (`model.metric_sums()`); the update uses grad_sum / max(weight_sum, 1)
   over the whole batch, so it is the full-batch update (up to float
   rounding) whenever the loss is a per-position sum over the rows: without
   dropout, for loss='full' (a sampled loss draws other negatives per
@@ -170,33 +143,42 @@ def make_train_step(model, tx, schedule, num_microbatches: int = 1, *,
   them would gather them for the step).
   """
   num_microbatches = _check_num_microbatches(num_microbatches)
-  apply_gradients = _update_fn(tx, schedule)
+  sum_keys = base.check_metric_sums(model)
+  frozen = tuple(frozen)
+  apply_gradients = _update_fn(tx, schedule, sum_keys)
   if local_accumulation:
     return _local_accumulation_step(model, num_microbatches, mesh,
-                                    apply_gradients)
+                                    apply_gradients, sum_keys, frozen)
   if num_microbatches == 1:
     def train_step(state: TrainState, batch, rng):
       step_rng = jax.random.fold_in(rng, state.step)
-      grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-      (loss, aux), grads = grad_fn(state.params, batch, step_rng)
-      return apply_gradients(state, grads, loss, aux)
+      partition = optimizer_lib.ParamPartition(state.params, frozen)
+      trainable, frozen_leaves = partition.split(state.params)
+
+      def loss_fn(trainable, batch, rng):
+        return model.loss_fn(partition.merge(trainable, frozen_leaves),
+                             batch, rng)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (loss, aux), grads = grad_fn(trainable, batch, step_rng)
+      return apply_gradients(state, partition, grads, loss, aux)
 
     return train_step
 
   n = num_microbatches
-  grad_fn = _loss_sum_grad_fn(model)
 
   def accumulating_train_step(state: TrainState, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
     _check_batch_rows(batch, n, f"num_microbatches={n} must divide the "
                       "global batch size")
-    grad_sum, sums = _accumulate(grad_fn, state.params, batch, step_rng, n)
-    return _apply_sums(apply_gradients, state, grad_sum, sums)
+    partition = optimizer_lib.ParamPartition(state.params, frozen)
+    trainable, frozen_leaves = partition.split(state.params)
+    grad_fn = _loss_sum_grad_fn(model, partition, frozen_leaves)
+    grad_sum, sums = _accumulate(grad_fn, trainable, batch, step_rng, n,
+                                 sum_keys)
+    return _apply_sums(apply_gradients, state, partition, trainable,
+                       grad_sum, sums)
 
   return accumulating_train_step
-
-
-_SUM_KEYS = ("loss_sum", "weight_sum", "correct_sum")
 
 
 def _check_batch_rows(batch, multiple: int, requirement: str) -> None:
@@ -208,20 +190,27 @@ def _check_batch_rows(batch, multiple: int, requirement: str) -> None:
                        f"has {x.shape[0]} rows")
 
 
-def _update_fn(tx, schedule) -> Callable:
-  """`(state, grads, loss, aux) -> (state, metrics)`: one optimizer update."""
+def _check_aux(aux, sum_keys) -> None:
+  """ValueError (at trace time) unless `aux` holds every declared sum."""
+  missing = [k for k in sum_keys if k not in aux]
+  if missing:
+    raise ValueError(f"the model's loss_fn aux {sorted(aux)} lacks "
+                     f"{missing}, declared by its metric_sums()")
 
-  def apply_gradients(state, grads, loss, aux):
+
+def _update_fn(tx, schedule, sum_keys) -> Callable:
+  """`(state, partition, grads, loss, aux) -> (state, metrics)`: one update
+  from the gradients of `partition.split(state.params)[0]`."""
+
+  def apply_gradients(state, partition, grads, loss, aux):
+    _check_aux(aux, sum_keys)
+    grads = partition.full_grads(grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "loss_sum": aux["loss_sum"],
-        "weight_sum": aux["weight_sum"],
-        "correct_sum": aux["correct_sum"],
-        "grad_norm": optax.global_norm(grads),
-        "learning_rate": schedule(state.step),
-    }
+    params = partition.keep_frozen(
+        optax.apply_updates(state.params, updates), state.params)
+    metrics = {"loss": loss, **{k: aux[k] for k in sum_keys},
+               "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state)
     return new_state, metrics
@@ -229,46 +218,51 @@ def _update_fn(tx, schedule) -> Callable:
   return apply_gradients
 
 
-def _loss_sum_grad_fn(model) -> Callable:
-  """`(params, batch, rng) -> (grads of loss_sum, aux)`."""
+def _loss_sum_grad_fn(model, partition, frozen_leaves) -> Callable:
+  """`(trainable, batch, rng) -> (grads of loss_sum, aux)`."""
 
-  def loss_sum_fn(params, batch, dropout_rng):
+  def loss_sum_fn(trainable, batch, dropout_rng):
+    params = partition.merge(trainable, frozen_leaves)
     _, aux = model.loss_fn(params, batch, dropout_rng)
-    return aux["loss_sum"], aux
+    return aux[base.LOSS_SUM], aux
 
   return jax.grad(loss_sum_fn, has_aux=True)
 
 
-def _accumulate(grad_fn, params, batch, step_rng, n: int):
-  """Float32 sums of the gradients and `_SUM_KEYS` over n micro-batches
-  (`microbatch(batch, i, n)` with dropout rng `fold_in(step_rng, i)`), run
-  one after another in a `lax.scan`."""
+def _accumulate(grad_fn, params, batch, step_rng, n: int, sum_keys):
+  """Float32 sums of the gradients (of `params`, the trainable leaves) and
+  of the metric sums `sum_keys` over n micro-batches (`microbatch(batch, i,
+  n)` with dropout rng `fold_in(step_rng, i)`), run one after another in a
+  `lax.scan`."""
 
   def body(carry, i):
     grad_sum, sums = carry
     grads, aux = grad_fn(params, microbatch(batch, i, n),
                          jax.random.fold_in(step_rng, i))
+    _check_aux(aux, sum_keys)
     grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32),
                             grad_sum, grads)
-    sums = {k: sums[k] + aux[k].astype(jnp.float32) for k in _SUM_KEYS}
+    sums = {k: sums[k] + aux[k].astype(jnp.float32) for k in sum_keys}
     return (grad_sum, sums), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = (zeros, {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS})
+  init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
   (grad_sum, sums), _ = jax.lax.scan(body, init, jnp.arange(n))
   return grad_sum, sums
 
 
-def _apply_sums(apply_gradients, state, grad_sum, sums):
+def _apply_sums(apply_gradients, state, partition, trainable, grad_sum,
+                sums):
   """The update from summed gradients: grad_sum / max(weight_sum, 1)."""
-  denom = jnp.maximum(sums["weight_sum"], 1.0)
+  denom = jnp.maximum(sums[base.WEIGHT_SUM], 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum,
-                       state.params)
-  return apply_gradients(state, grads, sums["loss_sum"] / denom, sums)
+                       trainable)
+  return apply_gradients(state, partition, grads,
+                         sums[base.LOSS_SUM] / denom, sums)
 
 
-def _local_accumulation_step(model, n: int, mesh, apply_gradients
-                             ) -> Callable:
+def _local_accumulation_step(model, n: int, mesh, apply_gradients, sum_keys,
+                             frozen) -> Callable:
   """The train step of `make_train_step(..., local_accumulation=True)`."""
   if mesh is None:
     raise ValueError("make_train_step(local_accumulation=True) needs the "
@@ -281,22 +275,8 @@ def _local_accumulation_step(model, n: int, mesh, apply_gradients
         "TrainLoopConfig.local_accumulation=False for tensor or vocab "
         "parallelism)")
   shards = int(axes.get(partitioning.DATA_AXIS, 1))
-  grad_fn = _loss_sum_grad_fn(model)
   spec = jax.sharding.PartitionSpec
   data_axis = partitioning.DATA_AXIS
-
-  def shard_sums(params, batch, step_rng):
-    rng = jax.random.fold_in(step_rng, jax.lax.axis_index(data_axis))
-    # Inside the shard nothing is partitioned: logical constraints are off.
-    with nn.logical_axis_rules(()):
-      grad_sum, sums = _accumulate(grad_fn, params, batch, rng, n)
-    # One all-reduce a step: every gradient and metric sum in one buffer.
-    flat, unravel = jax.flatten_util.ravel_pytree((grad_sum, sums))
-    return unravel(jax.lax.psum(flat, data_axis))
-
-  sharded_sums = jax.shard_map(
-      shard_sums, mesh=mesh, in_specs=(spec(), spec(data_axis), spec()),
-      out_specs=spec(), check_vma=False)
 
   def local_accumulation_train_step(state: TrainState, batch, rng):
     _check_batch_rows(
@@ -305,8 +285,28 @@ def _local_accumulation_step(model, n: int, mesh, apply_gradients
         f"micro-batches on each of {shards} data shards, so {shards * n} "
         "must divide the global batch size")
     step_rng = jax.random.fold_in(rng, state.step)
-    grad_sum, sums = sharded_sums(state.params, batch, step_rng)
-    return _apply_sums(apply_gradients, state, grad_sum, sums)
+    partition = optimizer_lib.ParamPartition(state.params, frozen)
+    trainable, frozen_leaves = partition.split(state.params)
+
+    def shard_sums(trainable, frozen_leaves, batch, step_rng):
+      rng = jax.random.fold_in(step_rng, jax.lax.axis_index(data_axis))
+      grad_fn = _loss_sum_grad_fn(model, partition, frozen_leaves)
+      # Inside the shard nothing is partitioned: logical constraints are off.
+      with nn.logical_axis_rules(()):
+        grad_sum, sums = _accumulate(grad_fn, trainable, batch, rng, n,
+                                     sum_keys)
+      # One all-reduce a step: every trainable gradient and metric sum in
+      # one buffer.
+      flat, unravel = jax.flatten_util.ravel_pytree((grad_sum, sums))
+      return unravel(jax.lax.psum(flat, data_axis))
+
+    sharded_sums = jax.shard_map(
+        shard_sums, mesh=mesh,
+        in_specs=(spec(), spec(), spec(data_axis), spec()),
+        out_specs=spec(), check_vma=False)
+    grad_sum, sums = sharded_sums(trainable, frozen_leaves, batch, step_rng)
+    return _apply_sums(apply_gradients, state, partition, trainable,
+                       grad_sum, sums)
 
   return local_accumulation_train_step
 
@@ -334,28 +334,56 @@ def _any_process(flag: bool) -> bool:
 
 
 class _MetricWindow:
-  """Accumulates step metrics between two log points."""
+  """Accumulates step metrics between two log points.
 
-  def __init__(self):
-    self.sums: Dict[str, float] = {}
+  The model's metric sums add up over the window's steps and the model
+  summarizes them; the trainer's own metrics are the mean gradient norm and
+  the last learning rate.
+  """
+
+  def __init__(self, model, sum_keys: Sequence[str]):
+    self.model = model
+    self.sums: Dict[str, float] = {k: 0.0 for k in sum_keys}
+    self.grad_norm_sum = 0.0
     self.last: Dict[str, float] = {}
     self.steps = 0
 
   def add(self, m: Dict[str, Any]):
     m = jax.device_get(m)
-    for k in ("loss_sum", "weight_sum", "correct_sum"):
-      self.sums[k] = self.sums.get(k, 0.0) + float(m[k])
-    self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + float(
-        m["grad_norm"])
+    for k in self.sums:
+      self.sums[k] += float(m[k])
+    self.grad_norm_sum += float(m["grad_norm"])
     self.last = {k: float(v) for k, v in m.items()}
     self.steps += 1
 
   def summary(self) -> Dict[str, float]:
-    w = max(self.sums.get("weight_sum", 0.0), 1.0)
-    return {"loss": self.sums["loss_sum"] / w,
-            "masked_accuracy": self.sums["correct_sum"] / w,
-            "grad_norm": self.sums["grad_norm"] / max(self.steps, 1),
-            "learning_rate": self.last["learning_rate"]}
+    """The model's summary of the sums, then grad_norm and learning_rate."""
+    out = {k: float(v) for k, v in
+           self.model.summarize_metrics(dict(self.sums)).items()}
+    out["grad_norm"] = self.grad_norm_sum / max(self.steps, 1)
+    out["learning_rate"] = self.last["learning_rate"]
+    return out
+
+
+# What the trainer adds to the model's summary (logged as train/<name>).
+_LOOP_METRICS = ("grad_norm", "learning_rate", "steps_per_sec",
+                 "sequences_per_sec")
+
+
+def progress_line(step: int, total: int, summary: Dict[str, float],
+                  eta_s: float) -> str:
+  """`step 10/40 | loss 6.5700 | masked_accuracy 0.0187 | grad_norm 1.234 |
+  lr 1.00e-03 | 2.00 steps/s | 32 seq/s | ETA 0m15s`: the model's metrics
+  as it named them, then the loop's (`_LOOP_METRICS`)."""
+  parts = [f"step {step}/{total}"]
+  parts += [f"{k} {v:.4f}" for k, v in summary.items()
+            if k not in _LOOP_METRICS]
+  parts += [f"grad_norm {summary['grad_norm']:.3f}",
+            f"lr {summary['learning_rate']:.2e}",
+            f"{summary['steps_per_sec']:.2f} steps/s",
+            f"{summary['sequences_per_sec']:.0f} seq/s",
+            f"ETA {_fmt_eta(eta_s)}"]
+  return " | ".join(parts)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -432,6 +460,55 @@ def _check_microbatch_layout(cfg: TrainLoopConfig, mesh) -> None:
       print(f"Warning: {msg}", flush=True)
 
 
+def _resume(ckpt: checkpoints.Checkpointer, abstract, model):
+  """(step, state) of the newest readable checkpoint, or None (fresh run)."""
+  architecture = model.architecture()
+
+  def check_meta(step, saved_meta):
+    checkpoints.check_architecture(
+        saved_meta.get(checkpoints.ARCHITECTURE_KEY), architecture,
+        f"{ckpt.directory}/{checkpoints.STEP_PREFIX}_{step}")
+    if saved_meta.get("input_position", step) != step:
+      raise RuntimeError(
+          f"checkpoint_{step} records input position "
+          f"{saved_meta['input_position']}, expected {step}")
+
+  def warn(msg):
+    logging.warning(msg)
+    if jax.process_index() == 0:
+      print(f"Warning: {msg}", flush=True)
+
+  found = ckpt.restore_latest(abstract, check_meta=check_meta, warn=warn)
+  if found is None:
+    return None
+  start, state, saved_meta = found
+  logging.info("resuming from %s", ckpt.describe(start))
+  if jax.process_index() == 0:
+    print(f"Resuming from checkpoint_{start} in {ckpt.directory}", flush=True)
+    saved_nproc = saved_meta.get("process_count", jax.process_count())
+    if saved_nproc != jax.process_count():
+      # Parameters and optimizer state reshard; only host_input='slice'
+      # feeds the same batches as before.
+      print(f"Note: checkpoint_{start} was written by {saved_nproc} "
+            f"processes, resuming with {jax.process_count()}", flush=True)
+  return int(start), state
+
+
+def _print_parameters(params, frozen: Sequence[str], mesh) -> None:
+  """Parameter counts (trainable and frozen) and the devices, on process 0."""
+  trainable, frozen_count = optimizer_lib.ParamPartition(
+      params, frozen).counts(params)
+  if jax.process_index() != 0:
+    return
+  counts = f"{trainable + frozen_count:,}"
+  if frozen:
+    counts += (f" ({trainable:,} trainable, {frozen_count:,} frozen by "
+               f"OptimizerConfig.frozen={tuple(frozen)!r})")
+  print(f"Parameters: {counts}; devices: {jax.device_count()} "
+        f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
+        flush=True)
+
+
 def train_loop(
     model,
     optimizer: OptimizerConfig,
@@ -444,12 +521,20 @@ def train_loop(
     writer=None,
     eval_fn: Optional[Callable[[Any, int], Dict[str, float]]] = None,
     meta: Optional[dict] = None,
+    init_from: Optional[init_from_lib.InitFrom] = None,
 ) -> TrainState:
   """Trains to `cfg.train_steps`, resuming from the latest checkpoint.
 
+  A run resumes from the newest readable checkpoint in `model_dir` (newer
+  unreadable ones are set aside with a warning: Checkpointer.restore_latest);
+  one that finds none starts from the model's initial variables, with the
+  parameters `init_from` names copied from another run, export or import.
+
   Args:
-    model: wrapper with get_initial_variables / loss_fn.
-    optimizer: optimizer config.
+    model: a model_lib.base.BaseModel: get_initial_variables, loss_fn, its
+      metric sums and summary, architecture() and checkpoint_meta() (both
+      stored with each checkpoint; the architecture is checked on resume).
+    optimizer: optimizer config (`frozen` parameters are not trained).
     batches: `batches(start_step)` yields this process's host-local numpy
       batches for steps start_step, start_step + 1, ... (deterministic, so a
       resumed run sees exactly the batches an uninterrupted one would).
@@ -458,51 +543,41 @@ def train_loop(
     mesh: device mesh; rules: logical axis rules.
     writer: clu-style metric writer (write_scalars(step, dict)) or None.
     eval_fn: `eval_fn(params, step) -> metrics`, run every cfg.eval_every.
-    meta: extra JSON stored with each checkpoint.
+    meta: extra JSON stored with each checkpoint (e.g. the data directory).
+    init_from: initial parameters of a fresh run (ignored on resume).
 
   Returns:
     The final TrainState.
   """
   cfg.validate()  # the fields may have been changed since construction
+  sum_keys = base.check_metric_sums(model)
   tx, schedule = make_optimizer(optimizer, cfg.train_steps)
   rng = jax.random.PRNGKey(cfg.seed)
   init_rng, step_rng = jax.random.split(rng)
   state, shardings, abstract = init_state(model, tx, init_rng, mesh, rules)
+  meta = {**model.checkpoint_meta(),
+          checkpoints.ARCHITECTURE_KEY: model.architecture(), **(meta or {})}
   ckpt = checkpoints.Checkpointer(model_dir, keep=cfg.keep_checkpoints,
                                   period=cfg.checkpoint_every)
-  start = ckpt.latest_step()
-  if start is not None:
-    logging.info("resuming from %s/checkpoint_%d", model_dir, start)
-    state, saved_meta = ckpt.restore(start, abstract)
-    if jax.process_index() == 0:
-      print(f"Resuming from checkpoint_{start} in {model_dir}", flush=True)
-      saved_nproc = saved_meta.get("process_count", jax.process_count())
-      if saved_nproc != jax.process_count():
-        # Parameters and optimizer state reshard; only host_input='slice'
-        # feeds the same batches as before.
-        print(f"Note: checkpoint_{start} was written by {saved_nproc} "
-              f"processes, resuming with {jax.process_count()}", flush=True)
-    checkpoints.check_architecture(
-        saved_meta.get(checkpoints.ARCHITECTURE_KEY),
-        (meta or {}).get(checkpoints.ARCHITECTURE_KEY),
-        f"{model_dir}/checkpoint_{start}")
-    if saved_meta.get("input_position", start) != start:
-      raise RuntimeError(
-          f"checkpoint_{start} records input position "
-          f"{saved_meta['input_position']}, expected {start}")
-  start = int(start or 0)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  if jax.process_index() == 0:
-    print(f"Parameters: {n_params:,}; devices: {jax.device_count()} "
-          f"(mesh {dict(mesh.shape)}); processes: {jax.process_count()}",
-          flush=True)
+  resumed = _resume(ckpt, abstract, model)
+  if resumed is not None:
+    start, state = resumed
+  else:
+    start = 0
+    if init_from is not None:
+      params, summary = init_from_lib.initialise(state.params, init_from)
+      state = state.replace(params=params)
+      if jax.process_index() == 0:
+        print(summary, flush=True)
+  _print_parameters(state.params, optimizer.frozen, mesh)
 
   local_bs = partitioning.local_batch_size(cfg.batch_size)
   _check_microbatch_layout(cfg, mesh)
   step_fn = jit_train_step(
       make_train_step(model, tx, schedule,
                       num_microbatches=cfg.num_microbatches,
-                      local_accumulation=cfg.local_accumulation, mesh=mesh),
+                      local_accumulation=cfg.local_accumulation, mesh=mesh,
+                      frozen=optimizer.frozen),
       shardings, mesh)
 
   preempted = {"flag": False}
@@ -517,10 +592,10 @@ def train_loop(
 
   def save(step: int, force: bool = False):
     payload = {"input_position": step, "step": step,
-               "process_count": jax.process_count(), **(meta or {})}
+               "process_count": jax.process_count(), **meta}
     ckpt.save(step, state, payload, force=force)
 
-  window = _MetricWindow()
+  window = _MetricWindow(model, sum_keys)
   it = batches(start)
   t_last, step_last = time.time(), start
   t_start = time.time()
@@ -559,15 +634,10 @@ def train_loop(
         s["sequences_per_sec"] = steps_per_s * cfg.batch_size
         eta = (cfg.train_steps - step) / max(steps_per_s, 1e-9)
         if jax.process_index() == 0:
-          print(f"step {step}/{cfg.train_steps} | loss {s['loss']:.4f} | "
-                f"masked acc {s['masked_accuracy']:.4f} | grad norm "
-                f"{s['grad_norm']:.3f} | lr {s['learning_rate']:.2e} | "
-                f"{steps_per_s:.2f} steps/s | "
-                f"{s['sequences_per_sec']:.0f} seq/s | ETA {_fmt_eta(eta)}",
-                flush=True)
+          print(progress_line(step, cfg.train_steps, s, eta), flush=True)
         if writer is not None:
           writer.write_scalars(step, {f"train/{k}": v for k, v in s.items()})
-        window = _MetricWindow()
+        window = _MetricWindow(model, sum_keys)
         t_last, step_last = time.time(), step
       if eval_fn is not None and cfg.eval_every and (
           step % cfg.eval_every == 0 or last):

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence)
+                    Sequence, Tuple)
 
 import jax
 import jax.numpy as jnp
@@ -84,20 +84,6 @@ def protocol_name(cfg: EvalConfig) -> str:
           else metrics.FULL_RANKING)
 
 
-def _local_rows(global_array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in local order."""
-  shards = sorted(global_array.addressable_shards,
-                  key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for s in shards:
-    start = s.index[0].start or 0
-    if start in seen:  # replicas along `model` hold the same rows
-      continue
-    seen.add(start)
-    rows.append(np.asarray(s.data))
-  return np.concatenate(rows, axis=0)
-
-
 def _bucket_width(length: int, multiple: int, full: int) -> int:
   return max(1, min(full, -(-int(length) // multiple) * multiple))
 
@@ -127,7 +113,7 @@ def length_bucketed(batches: Iterable[Mapping[str, np.ndarray]], *,
   (right padding; the trailing columns cut are padding in every row).
   Across processes the batch widths are the maximum over hosts, so global
   batches keep one shape; every process must pass the same number of batches
-  (`feature_converters.eval_batches` ensures it).
+  (`batching.eval_batches` ensures it).
   """
   it = iter(batches)
   while True:
@@ -166,23 +152,64 @@ def length_bucketed(batches: Iterable[Mapping[str, np.ndarray]], *,
       yield out
 
 
+def eval_batch_targets(
+    batch: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(target_ids [B], history [B, L], has_target [B]) of an evaluation batch.
+
+  Evaluation batches (docs/FEATURES.md) hold one [MASK] per row in
+  `item_ids` and the held-out item at that position of `targets`; rows with
+  no target are padding.
+  """
+  for key in ("item_ids", "targets"):
+    if key not in batch:
+      raise KeyError(f"evaluation batch lacks {key!r}; has {sorted(batch)}")
+  targets = np.asarray(batch["targets"])
+  if targets.ndim != 2:
+    raise ValueError(f"batch['targets'] must be [batch, len], got "
+                     f"{targets.shape}")
+  per_row = (targets > 0).sum(axis=1)
+  if (per_row > 1).any():
+    row = int(np.argmax(per_row > 1))
+    raise ValueError(f"evaluation batch row {row} has {per_row[row]} targets;"
+                     " expected one held-out item per row")
+  target_ids = targets.max(axis=1).astype(np.int32)
+  return target_ids, np.asarray(batch["item_ids"], np.int32), target_ids > 0
+
+
+def target_ranks(scores: jax.Array, batch: Mapping[str, jax.Array],
+                 negatives: jax.Array, cfg: EvalConfig) -> jax.Array:
+  """0-based ranks [B] of each row's target under the configured protocol.
+
+  Args:
+    scores: [B, N] scores, column j = item j + 1.
+    batch: `targets` [B, L] (one held-out item per row, 0 in padding rows:
+      ranked as item 1, and dropped by the caller's `valid`) and `item_ids`
+      [B, L] (the history excluded when `cfg.exclude_history`).
+    negatives: [B, M] item ids (sampled protocol; ignored otherwise).
+    cfg: the protocol.
+  """
+  safe = jnp.maximum(jnp.max(batch["targets"], axis=1), 1)
+  if cfg.protocol == "sampled":
+    return ranking.sampled_target_rank(scores, safe, negatives)
+  exclude = batch["item_ids"] if cfg.exclude_history else None
+  return ranking.target_rank(scores, safe, exclude)
+
+
 class Evaluator:
   """Scores eval batches with a model's `score_fn` and ranks the targets."""
 
   def __init__(self, model, mesh, rules, cfg: EvalConfig):
     self.model, self.mesh, self.rules, self.cfg = model, mesh, rules, cfg
+    self._rank = self._jit_rank(model.score_fn)
+
+  def _jit_rank(self, score_fn):
+    """jit of (params, batch, negatives) -> ranks [B], batch-sharded."""
+    cfg = self.cfg
 
     def rank_fn(params, batch, negatives):
-      scores = model.score_fn(params, batch)              # [B, N]
-      targets = jnp.max(batch["targets"], axis=1)         # one per row
-      safe = jnp.maximum(targets, 1)
-      if cfg.protocol == "sampled":
-        return ranking.sampled_target_rank(scores, safe, negatives)
-      exclude = batch["item_ids"] if cfg.exclude_history else None
-      return ranking.target_rank(scores, safe, exclude)
-
-    self._rank = jax.jit(rank_fn, out_shardings=partitioning.batch_sharding(
-        mesh))
+      return target_ranks(score_fn(params, batch), batch, negatives, cfg)
+    return jax.jit(rank_fn, out_shardings=partitioning.batch_sharding(
+        self.mesh))
 
   def evaluate(self, params, batches: Iterable[Mapping[str, np.ndarray]],
                item_counts: Optional[np.ndarray] = None,
@@ -201,18 +228,12 @@ class Evaluator:
     gen = np.random.default_rng(cfg.seed + jax.process_index())
     rank_fn = self._rank
     if score_override is not None:
-      pop = jnp.asarray(score_override, jnp.float32)
+      constant = jnp.asarray(score_override, jnp.float32)  # [N]
 
-      def pop_rank(_, batch, negatives):
+      def constant_scores(_, batch):
         b = batch["targets"].shape[0]
-        scores = jnp.broadcast_to(pop[None, :], (b, pop.shape[0]))
-        safe = jnp.maximum(jnp.max(batch["targets"], axis=1), 1)
-        if cfg.protocol == "sampled":
-          return ranking.sampled_target_rank(scores, safe, negatives)
-        exclude = batch["item_ids"] if cfg.exclude_history else None
-        return ranking.target_rank(scores, safe, exclude)
-      rank_fn = jax.jit(pop_rank, out_shardings=partitioning.batch_sharding(
-          self.mesh))
+        return jnp.broadcast_to(constant[None, :], (b, constant.shape[0]))
+      rank_fn = self._jit_rank(constant_scores)
     compiled = {}
     if cfg.length_buckets:
       batches = length_bucketed(batches, multiple=cfg.bucket_multiple,
@@ -220,7 +241,7 @@ class Evaluator:
     for local in batches:
       valid = np.asarray(local["valid"]) > 0
       model_batch = {k: v for k, v in local.items() if k != "valid"}
-      targets, history, _ = metrics.eval_batch_targets(model_batch)
+      targets, history, _ = eval_batch_targets(model_batch)
       negatives = np.zeros((len(targets), 1), np.int32)
       if cfg.protocol == "sampled":
         negatives = metrics.sample_negatives(
@@ -242,8 +263,62 @@ class Evaluator:
           ranks = compiled[shape](params, global_batch, negs)
         else:
           ranks = rank_fn(params, global_batch, negs)
-      acc.add(_local_rows(ranks), valid=valid)
+      acc.add(partitioning.process_local_rows(ranks), valid=valid)
     return acc.merge_across_processes().result()
+
+
+class RankingEvaluation:
+  """A run's ranking evaluation: the model (and the popularity baseline) on
+  each configured split, through `Evaluator`.
+
+  Same interface as `generation.GenerationEvaluator`, so the runs treat
+  every evaluation alike: `evaluate(model, params, data, mesh, rules) ->
+  {split: metrics}` and `format_results(step, results) -> log lines`.
+  """
+
+  def __init__(self, config: EvalConfig):
+    self.config = config
+
+  def evaluate(self, model, params, data, mesh, rules) -> Dict[str, Any]:
+    cfg = self.config
+    ev = Evaluator(model, mesh, rules, cfg)
+    counts = data.train_item_counts()
+    results = {}
+    for split in cfg.splits:
+      results[split] = ev.evaluate(
+          params, data.eval_batches(split, cfg.batch_size), counts)
+      if cfg.popularity_baseline:
+        results[f"{split}_popularity"] = ev.evaluate(
+            params, data.eval_batches(split, cfg.batch_size), counts,
+            score_override=np.log1p(counts.astype(np.float64)))
+    return results
+
+  def format_results(self, step: int, results: Mapping[str, Any]
+                     ) -> List[str]:
+    ks = self.config.ks
+    keys = ([f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"])
+    lines = []
+    for split, res in results.items():
+      vals = " ".join(f"{k}={res[k]:.4f}" for k in keys if k in res)
+      lines.append(f"[eval step {step}] {split} ({res.get('protocol')}, "
+                   f"{res.get('num_users')} users): {vals}")
+    return lines
+
+
+def as_evaluation(evaluation):
+  """The run's evaluation object: an `EvalConfig` (the ranking protocol, as
+  gin/runs/evaluation.gin binds it) becomes a `RankingEvaluation`; objects
+  with `evaluate` and `format_results` (e.g. `GenerationEvaluator`) pass."""
+  if evaluation is None:
+    return None
+  if isinstance(evaluation, EvalConfig):
+    return RankingEvaluation(evaluation)
+  missing = [m for m in ("evaluate", "format_results")
+             if not callable(getattr(evaluation, m, None))]
+  if missing:
+    raise TypeError(f"EVALUATION={evaluation!r} is neither an EvalConfig nor "
+                    f"an evaluator (it lacks {missing})")
+  return evaluation
 
 
 def write_results(model_dir: str, step: int, results: Dict[str, Any],

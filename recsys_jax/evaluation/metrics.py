@@ -9,19 +9,17 @@ how ranks are computed and the pessimistic tie rule):
 
 `RankingMetrics` accumulates weighted sums on the host and merges across
 batches and processes; its `result()` names the protocol the numbers come
-from, since full-ranking and sampled numbers are not comparable. See
+from, since full-ranking and sampled numbers are not comparable.
+`sample_negatives` draws the sampled protocol's negatives on the host. The
+ranks themselves are computed on device by `evaluator.Evaluator`. See
 docs/EVALUATION.md.
 """
 
 import dataclasses
-from typing import (Any, Callable, Dict, Iterable, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from recsys_jax.evaluation import ranking
 
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20)
 FULL_RANKING = "full_ranking"
@@ -287,134 +285,3 @@ def sample_negatives(rng: RngLike,
             break
     out[row] = chosen
   return out
-
-
-# --------------------------------------------------------------------------
-# Evaluation loops over batches and the popularity baseline.
-
-_target_rank_jit = jax.jit(ranking.target_rank)
-_sampled_rank_jit = jax.jit(ranking.sampled_target_rank)
-
-
-def eval_batch_targets(
-    batch: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(target_ids [B], history [B, L], valid [B]) of an evaluation batch.
-
-  Evaluation batches (docs/FEATURES.md) hold one [MASK] per row in
-  `item_ids` and the held-out item at that position of `targets`; rows with
-  no target are padding.
-  """
-  for key in ("item_ids", "targets"):
-    if key not in batch:
-      raise KeyError(f"evaluation batch lacks {key!r}; has {sorted(batch)}")
-  targets = np.asarray(batch["targets"])
-  if targets.ndim != 2:
-    raise ValueError(f"batch['targets'] must be [batch, len], got "
-                     f"{targets.shape}")
-  per_row = (targets > 0).sum(axis=1)
-  if (per_row > 1).any():
-    row = int(np.argmax(per_row > 1))
-    raise ValueError(f"evaluation batch row {row} has {per_row[row]} targets;"
-                     " expected one held-out item per row")
-  target_ids = targets.max(axis=1).astype(np.int32)
-  return target_ids, np.asarray(batch["item_ids"], np.int32), target_ids > 0
-
-
-def evaluate_ranking(score_fn: Callable[[Any, Mapping[str, Any]], jax.Array],
-                     params: Any,
-                     batches: Iterable[Mapping[str, Any]],
-                     *,
-                     ks: Sequence[int] = DEFAULT_KS,
-                     exclude_history: bool = False,
-                     num_negatives: Optional[int] = None,
-                     sampling: str = "popularity",
-                     item_counts: Any = None,
-                     seed: RngLike = 0) -> Dict[str, Any]:
-  """Evaluates `score_fn` over evaluation batches with one protocol.
-
-  Full ranking (num_negatives None) ranks the target against all N items,
-  optionally without the user's history items. The sampled protocol ranks it
-  against `num_negatives` negatives drawn by `sample_negatives`.
-
-  Args:
-    score_fn: `score_fn(params, batch) -> [B, N]`, column j = item j + 1.
-    params: passed to score_fn.
-    batches: evaluation batches (see `eval_batch_targets`).
-    ks: cutoffs for HR@K / NDCG@K.
-    exclude_history: full ranking only; drop the batch's `item_ids` items.
-    num_negatives: None for full ranking, else M for the sampled protocol.
-    sampling: 'popularity' or 'uniform' (sampled protocol only).
-    item_counts: [N] training counts for popularity sampling.
-    seed: for the negatives; fixed seed -> same numbers.
-
-  Returns:
-    `RankingMetrics.result()` of all valid rows.
-  """
-  if num_negatives:
-    protocol = sampled_protocol_name(num_negatives, sampling)
-  else:
-    protocol = (FULL_RANKING_EXCLUDING_HISTORY if exclude_history else
-                FULL_RANKING)
-  acc = RankingMetrics(tuple(ks), protocol)
-  gen = _as_generator(seed)
-  for batch in batches:
-    target_ids, history, valid = eval_batch_targets(batch)
-    scores = score_fn(params, batch)
-    n = scores.shape[-1]
-    # Padding rows get a harmless target; they are masked out below.
-    safe_targets = np.where(valid, target_ids, 1).astype(np.int32)
-    if num_negatives:
-      negatives = sample_negatives(gen, safe_targets, history, n,
-                                   num_negatives, sampling, item_counts)
-      ranks = _sampled_rank_jit(scores, safe_targets, negatives)
-    else:
-      ranks = _target_rank_jit(scores, safe_targets,
-                               history if exclude_history else None)
-    acc.add(np.asarray(ranks), valid=valid)
-  return acc.result()
-
-
-def count_items(sequences: Iterable[Any], num_items: int) -> np.ndarray:
-  """[N] int64 interaction counts of items 1..N over id sequences.
-
-  Ids outside 1..N (padding, [MASK]) are ignored.
-  """
-  counts = np.zeros(num_items + 1, np.int64)
-  for seq in sequences:
-    ids = np.asarray(seq, np.int64).reshape(-1)
-    ids = ids[(ids >= 1) & (ids <= num_items)]
-    counts += np.bincount(ids, minlength=num_items + 1)
-  return counts[1:]
-
-
-def popularity_scores(train_item_counts: Any) -> jax.Array:
-  """Baseline scores [N]: an item's training count (column j = item j + 1).
-
-  Items with equal counts tie and are ranked pessimistically, so the baseline
-  gets no credit from arbitrary tie order.
-  """
-  c = np.asarray(train_item_counts)
-  if c.ndim != 1 or c.size == 0:
-    raise ValueError(f"train_item_counts must be a non-empty [num_items] "
-                     f"vector, got shape {c.shape}")
-  if (c < 0).any() or not np.isfinite(c).all():
-    raise ValueError("train_item_counts must be finite and >= 0")
-  return jnp.asarray(c, jnp.float32)
-
-
-def evaluate_popularity(train_item_counts: Any,
-                        batches: Iterable[Mapping[str, Any]],
-                        **kwargs) -> Dict[str, Any]:
-  """`evaluate_ranking` of the popularity baseline (same protocols).
-
-  Popularity-sampled negatives default to the same training counts.
-  """
-  pop = popularity_scores(train_item_counts)
-  if kwargs.get("num_negatives") and kwargs.get("item_counts") is None:
-    kwargs["item_counts"] = np.asarray(train_item_counts)
-
-  def score_fn(scores, batch):
-    b = np.asarray(batch["targets"]).shape[0]
-    return jnp.broadcast_to(scores[None, :], (b, scores.shape[0]))
-
-  return evaluate_ranking(score_fn, pop, batches, **kwargs)

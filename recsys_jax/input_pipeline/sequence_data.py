@@ -29,7 +29,7 @@ import numpy as np
 import seqio
 
 from recsys_jax.data import prepared
-from recsys_jax.seqio_ext import feature_converters
+from recsys_jax.seqio_ext import batching
 from tasks import sequence_tasks
 
 TRAIN_FEATURES = ("item_ids", "targets", "loss_weights")
@@ -84,12 +84,12 @@ class SequenceData:
     features = list(TRAIN_FEATURES + (PACKED_EXTRA if self.packing else ()))
     nproc = jax.process_count()
     if self.host_input == "shard" or nproc == 1:
-      return prefetch_in_thread(feature_converters.train_batches(
+      return prefetch_in_thread(batching.train_batches(
           self.name, local_batch_size, seed=self.seed,
           shard_info=self.shard_info(), start_step=start_step,
           features=features))
     # 'slice': the one-process stream of global batches, this process's rows.
-    stream = feature_converters.train_batches(
+    stream = batching.train_batches(
         self.name, local_batch_size * nproc, seed=self.seed, shard_info=None,
         start_step=start_step, features=features)
     lo = jax.process_index() * local_batch_size
@@ -115,7 +115,7 @@ class SequenceData:
            tuple(features))
     if key in self._eval_cache:
       return iter(self._eval_cache[key])
-    return self._read_and_cache(key, feature_converters.eval_batches(
+    return self._read_and_cache(key, batching.eval_batches(
         self.name, split, local, shard_info=self.shard_info(),
         features=features))
 

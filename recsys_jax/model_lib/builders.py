@@ -1,7 +1,8 @@
 """Builds model wrappers from a prepared dataset and plain hyperparameters.
 
-The catalogue size comes from the dataset, never from a config file, so the
-same gin model file serves every dataset.
+The catalogue size (Bert4Rec) and the text vocabulary (T5) come from the
+dataset, never from a config file, so the same gin model file serves every
+dataset.
 """
 
 import math
@@ -10,9 +11,12 @@ from typing import Optional
 import numpy as np
 
 from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import encoder_decoder
 from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.data import prepared
 from recsys_jax.models import bert4rec as bert4rec_lib
+from recsys_jax.models import t5 as t5_lib
+from tasks import text_tasks
 
 
 def train_item_log_popularity(data_dir: str) -> np.ndarray:
@@ -64,3 +68,50 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       config, loss=loss, num_negatives=num_negatives,
       item_log_popularity=log_pop, max_predictions=max_predictions,
       loss_chunk_rows=loss_chunk_rows)
+
+
+def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
+       d_kv: int = 64, d_ff: int = 2048, num_encoder_layers: int = 6,
+       num_decoder_layers: int = 6, relative_attention_num_buckets: int = 32,
+       relative_attention_max_distance: int = 128,
+       dropout_rate: float = 0.1, feed_forward_proj: str = "relu",
+       tie_word_embeddings: bool = True, dtype: str = "float32",
+       extra_ids: int = 100, vocab_multiple: int = 128,
+       vocab_path: Optional[str] = None, label_smoothing: float = 0.0,
+       z_loss: float = 0.0, max_decode_len: int = 32, num_beams: int = 1,
+       alpha: float = 0.6, soft_token_module=None,
+       soft_token_inputs=None, soft_token_mode: str = "prefix",
+       slot_id: Optional[int] = None
+       ) -> encoder_decoder.EncoderDecoderModel:
+  """A T5 encoder-decoder wrapper over the dataset's text vocabulary.
+
+  The vocabulary is the dataset's SentencePiece model plus `extra_ids`
+  sentinels (`text_tasks.dataset_vocabulary`, the one `TextData` uses: keep
+  `extra_ids` equal on both); the embedding has that many rows rounded up to
+  a multiple of `vocab_multiple` (T5: 32,100 -> 32,128) so it splits evenly
+  across devices. Defaults are t5-small (v1.0); see `T5Config` for the
+  architecture fields and `EncoderDecoderModel` for the rest.
+
+  Args:
+    data_dir: prepared dataset with a SentencePiece model.
+    vocab_path: another SentencePiece model (default `<data_dir>/spm.model`).
+    vocab_multiple: round the embedding rows up to a multiple of this.
+  """
+  if int(vocab_multiple) < 1:
+    raise ValueError(f"vocab_multiple={vocab_multiple}: expected >= 1")
+  vocabulary = text_tasks.dataset_vocabulary(data_dir, extra_ids=extra_ids,
+                                             vocab_path=vocab_path)
+  vocab_size = -(-vocabulary.vocab_size // vocab_multiple) * vocab_multiple
+  config = t5_lib.T5Config(
+      vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, d_kv=d_kv,
+      d_ff=d_ff, num_encoder_layers=num_encoder_layers,
+      num_decoder_layers=num_decoder_layers,
+      relative_attention_num_buckets=relative_attention_num_buckets,
+      relative_attention_max_distance=relative_attention_max_distance,
+      dropout_rate=dropout_rate, feed_forward_proj=feed_forward_proj,
+      tie_word_embeddings=tie_word_embeddings, dtype=dtype)
+  return encoder_decoder.EncoderDecoderModel(
+      config, vocabulary=vocabulary, soft_token_module=soft_token_module,
+      soft_token_inputs=soft_token_inputs, soft_token_mode=soft_token_mode,
+      slot_id=slot_id, label_smoothing=label_smoothing, z_loss=z_loss,
+      max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha)

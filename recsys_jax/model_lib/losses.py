@@ -1,7 +1,8 @@
 """Losses for next-item prediction and embedding alignment (pure JAX, no Flax).
 
-Losses return sums (`sum_loss`, `sum_weights`) so callers can average over
-any number of devices and steps; log-softmax always runs in float32.
+Losses return sums (loss sum, weight sum) so callers can average over any
+number of devices, micro-batches and steps; log-softmax always runs in
+float32.
 """
 
 import functools
@@ -383,29 +384,51 @@ def sampled_softmax_cross_entropy(
 
 
 def info_nce(a: Array, b: Array, temperature: float = 0.07, *,
-             normalize: bool = True) -> Array:
+             weights: Optional[Array] = None,
+             normalize: bool = True) -> Tuple[Array, Array]:
   """Symmetric InfoNCE (CLIP loss): row i of `a` matches row i of `b`.
+
+  Each weighted row i contributes w_i (CE(a_i -> b) + CE(b_i -> a)) / 2,
+  where CE(a_i -> b) is the cross-entropy of a_i's similarities to the rows
+  of `b` against b_i. Rows with weight 0 (padding) neither contribute a
+  loss nor serve as candidates for the other rows.
 
   Args:
     a: `[M, D]`.
     b: `[M, D]`.
     temperature: softmax temperature.
+    weights: `[M]` row weights (default ones).
     normalize: L2-normalise rows first (cosine similarity).
 
   Returns:
-    Mean over rows of (CE(a -> b) + CE(b -> a)) / 2, a float32 scalar.
+    (sum of weighted losses, sum of weights), float32 scalars, like the
+    other losses here: the mean is their ratio, and sums add up over
+    micro-batches (each micro-batch's rows are then each other's only
+    candidates, as in-batch negatives are).
   """
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
   if a.shape != b.shape or a.ndim != 2:
     raise ValueError(f"info_nce expects two [M, D] arrays of the same shape; "
                      f"got {a.shape} and {b.shape}")
+  if weights is None:
+    weights = jnp.ones(a.shape[:1], jnp.float32)
+  weights = weights.astype(jnp.float32)
+  if weights.shape != a.shape[:1]:
+    raise ValueError(f"info_nce weights have shape {weights.shape}; expected "
+                     f"({a.shape[0]},) (one per row)")
   if normalize:
     a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
   logits = a @ b.T / temperature
+  # Padding rows are no candidates (a weighted row always keeps its own
+  # positive on the diagonal, so no row is left without one).
+  # Symmetric, so that the b -> a direction (logits.T) is masked alike.
+  candidate = weights > 0
+  keep = ((candidate[:, None] & candidate[None, :])
+          | jnp.eye(a.shape[0], dtype=bool))
+  logits = jnp.where(keep, logits, _EXCLUDED)
   labels = jnp.arange(a.shape[0])
-  weights = jnp.ones(a.shape[:1], jnp.float32)
   ab, n = masked_softmax_cross_entropy(logits, labels, weights)
   ba, _ = masked_softmax_cross_entropy(logits.T, labels, weights)
-  return 0.5 * (ab + ba) / n
+  return 0.5 * (ab + ba), n

@@ -1,11 +1,13 @@
-"""Model wrappers (t5x BaseModel style): the training meaning of a module.
+"""Sequence-recommender wrappers (model_lib.base.BaseModel): Bert4Rec, SASRec.
 
-The trainer calls `get_initial_variables` and `loss_fn`; the evaluator calls
-`score_fn` (or `hidden_at_mask` + `item_scores_from_hidden` to score
-shard-wise); export calls `item_embeddings` / `item_bias`. Params passed in
-are the unboxed tree (`nn.meta.unbox`).
+The trainer calls `get_initial_variables`, `loss_fn` and the metric
+declarations of `base.BaseModel`; the evaluator calls `score_fn` (or
+`hidden_at_mask` + `item_scores_from_hidden` to score shard-wise); export
+calls `item_embeddings` / `item_bias`. Params passed in are the unboxed tree
+(`nn.meta.unbox`).
 """
 
+import abc
 import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -15,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recsys_jax.model_lib import base
 from recsys_jax.model_lib import losses
 from recsys_jax.models import bert4rec as bert4rec_lib
+from recsys_jax.models import item_vocab
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -76,30 +80,42 @@ def next_item_batch(batch: Batch) -> Tuple[Batch, Array, Array]:
   return dict(batch, item_ids=items), targets, valid.astype(jnp.float32)
 
 
-class SequenceRecModel:
+class SequenceRecModel(base.BaseModel):
   """Shared wrapper of masked-item sequence recommenders with a tied output.
 
-  Subclasses set `module` (with `__call__`, `output_query`, `logits`,
-  `all_logits`), `num_items`, `max_len`, `mask_id`, `padded_vocab` and
-  `_table_and_bias(params)`; `causal` (unidirectional module) switches the
-  loss to next-item targets at every position and scoring to the hidden
-  state of the last history item.
+  Items use the vocabulary of `models.item_vocab` (0 padding, 1..N items,
+  N + 1 [MASK], `padded_vocab` table rows). Subclasses pass their module and
+  its sizes to `__init__` and implement `_table_and_bias(params)`.
+
+  Args:
+    module: the Flax module, with `__call__` (ids -> `[B, L, E]` hidden),
+      `output_query`, `logits` and `all_logits` methods.
+    num_items: N, the catalogue size.
+    max_len: L, the sequence length the module is built for.
+    padded_vocab: rows of the item table (>= N + 2).
+    causal: the module is unidirectional: the loss predicts the next item
+      at every position and scoring reads the hidden state of the last
+      history item.
+    loss, num_negatives, item_log_popularity, max_predictions, z_loss,
+      loss_chunk_rows: see `Bert4RecModel`.
   """
-  module: nn.Module
-  causal: bool = False
-  num_items: int
-  max_len: int
-  mask_id: int
-  padded_vocab: int
 
-  def architecture(self) -> Dict[str, Any]:
-    """JSON fields checked when parameters are restored ({}: no check)."""
-    return {}
-
-  def __init__(self, *, loss: str = "full", num_negatives: int = 0,
+  def __init__(self, module: nn.Module, *, num_items: int, max_len: int,
+               padded_vocab: int, causal: bool = False, loss: str = "full",
+               num_negatives: int = 0,
                item_log_popularity: Optional[np.ndarray] = None,
                max_predictions: Optional[int] = None, z_loss: float = 0.0,
                loss_chunk_rows: Optional[int] = DEFAULT_LOSS_CHUNK_ROWS):
+    if padded_vocab < num_items + 2:
+      raise ValueError(f"padded_vocab={padded_vocab}: expected at least "
+                       f"num_items + 2 = {num_items + 2} (padding, items, "
+                       "[MASK])")
+    self.module = module
+    self.num_items = int(num_items)
+    self.max_len = int(max_len)
+    self.padded_vocab = int(padded_vocab)
+    self.mask_id = self.num_items + 1
+    self.causal = bool(causal)
     if loss not in LOSSES:
       raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
     if loss in ("sampled_uniform", "sampled_popularity") and num_negatives < 1:
@@ -136,6 +152,22 @@ class SequenceRecModel:
       self._alias = (losses.alias_table(self.item_log_popularity)
                      if loss == "sampled_popularity" else None)
 
+  # -- what the trainer and the runs record ----------------------------------
+
+  def metric_sums(self) -> Tuple[str, ...]:
+    """`loss_fn`'s sums: loss, weight (masked targets), correct targets."""
+    return (base.LOSS_SUM, base.WEIGHT_SUM, "correct_sum")
+
+  def summarize_metrics(self, sums: Mapping[str, float]) -> Dict[str, float]:
+    """Mean loss and masked accuracy (targets ranked first) per target."""
+    weight = max(sums[base.WEIGHT_SUM], 1.0)
+    return {"loss": sums[base.LOSS_SUM] / weight,
+            "masked_accuracy": sums["correct_sum"] / weight}
+
+  def checkpoint_meta(self) -> Dict[str, Any]:
+    """The catalogue size (item tables are sized by it)."""
+    return {"num_items": self.num_items}
+
   # -- module plumbing -------------------------------------------------------
 
   def _apply(self, params, *args, method: str = "__call__", rngs=None,
@@ -144,8 +176,9 @@ class SequenceRecModel:
     return self.module.apply({"params": params}, *args, method=fn, rngs=rngs,
                              **kwargs)
 
+  @abc.abstractmethod
   def _table_and_bias(self, params) -> Tuple[Array, Array]:
-    raise NotImplementedError
+    """(`[padded_vocab, E]` item table, `[padded_vocab]` output bias)."""
 
   def get_initial_variables(self, rng: Array,
                             batch_size: int = 2) -> Dict[str, Any]:
@@ -192,7 +225,7 @@ class SequenceRecModel:
       table, bias = self._table_and_bias(params)
       loss_sum, weight_sum, correct_sum = losses.tied_softmax_cross_entropy(
           query.reshape(-1, query.shape[-1]), table, bias,
-          bert4rec_lib.item_id_mask(self.padded_vocab, self.num_items),
+          item_vocab.item_id_mask(self.padded_vocab, self.num_items),
           targets.reshape(-1),
           weights.reshape(-1), z_loss=self.z_loss,
           constrain=nn.with_logical_constraint,
@@ -302,13 +335,10 @@ class Bert4RecModel(SequenceRecModel):
                max_predictions: Optional[int] = None, z_loss: float = 0.0,
                loss_chunk_rows: Optional[int] = DEFAULT_LOSS_CHUNK_ROWS):
     self.config = config
-    self.module = bert4rec_lib.Bert4Rec(config)
-    self.num_items = config.num_items
-    self.max_len = config.max_len
-    self.mask_id = config.mask_id
-    self.padded_vocab = config.padded_vocab
-    self.causal = config.causal
-    super().__init__(loss=loss, num_negatives=num_negatives,
+    super().__init__(bert4rec_lib.Bert4Rec(config),
+                     num_items=config.num_items, max_len=config.max_len,
+                     padded_vocab=config.padded_vocab, causal=config.causal,
+                     loss=loss, num_negatives=num_negatives,
                      item_log_popularity=item_log_popularity,
                      max_predictions=max_predictions, z_loss=z_loss,
                      loss_chunk_rows=loss_chunk_rows)

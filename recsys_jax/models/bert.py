@@ -4,6 +4,8 @@ Mirrors Hugging Face `BertModel` without the pooler: word + position +
 token-type embeddings and LayerNorm, then post-LN transformer layers with
 biases and exact (erf) GELU. Kernels are stored `[in, out]` (the transpose of
 torch's `nn.Linear.weight`) so `checkpoint_import.bert` maps them 1:1.
+Attention is the shared `layers.MultiHeadAttention` (joined `[H, H]`
+kernels, biases, scaled queries): `layer_{i}/attention/{query,key,value,out}`.
 
 Parameters are float32 with logical axis names; compute runs in `dtype`.
 """
@@ -15,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recsys_jax.models import layers
+
 Array = jax.Array
 DType = Any
 
-BLOCK_AXES = ("batch", "length", "embed")
-_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 _SUPPORTED_ACTS = ("gelu",)
 
 
@@ -73,30 +75,15 @@ class BertConfig:
 
 
 def _dense(features: int, axes, dtype: DType, name: str) -> nn.Dense:
-  return nn.Dense(
-      features, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                             (axes[-1],)),
-      name=name)
+  return layers.dense(features, axes, dtype=dtype, name=name)
 
 
 def _layer_norm(eps: float, dtype: DType, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones,
-                                              ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                             ("embed",)),
-      name=name)
+  return layers.layer_norm(dtype, name, epsilon=eps)
 
 
 def _embed(num: int, features: int, axes, dtype: DType, name: str) -> nn.Embed:
-  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32,
-                  embedding_init=nn.with_logical_partitioning(_kernel_init,
-                                                              axes),
-                  name=name)
+  return layers.embedding(num, features, axes, dtype=dtype, name=name)
 
 
 class BertEmbeddings(nn.Module):
@@ -107,7 +94,7 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, token_type_ids: Optional[Array] = None, *,
                inputs_embeds: Optional[Array] = None,
-               enable_dropout: bool = False) -> Array:
+               deterministic: bool = True) -> Array:
     cfg = self.config
     shape = tokens.shape if inputs_embeds is None else inputs_embeds.shape
     length = shape[1]
@@ -131,8 +118,8 @@ class BertEmbeddings(nn.Module):
     else:
       x = x + types(token_type_ids)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(x, BLOCK_AXES)
+    x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, layers.BLOCK_AXES)
 
 
 class BertLayer(nn.Module):
@@ -142,43 +129,30 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Array, *,
-               enable_dropout: bool = False) -> Array:
+               deterministic: bool = True) -> Array:
     """Runs one layer on `x` `[B, L, H]`; `key_mask` `[B, L]` bool."""
     cfg = self.config
-    deterministic = not enable_dropout
-    b, l, h = x.shape
+    hidden = x.shape[-1]
     heads = cfg.num_attention_heads
-    head_dim = h // heads
-
-    def proj(name):
-      y = _dense(h, ("embed", "joined_kv"), self.dtype, name)(x)
-      return y.reshape(b, l, heads, head_dim)
-
-    q, k, v = proj("query"), proj("key"), proj("value")
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    dropout = layers.Dropout(cfg.hidden_dropout_prob)
     # Like HF: only keys are masked, so padded queries still get (unused)
-    # finite outputs; the fill is finite so fully padded rows stay NaN-free.
-    scores = jnp.where(key_mask[:, None, None, :], scores,
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=deterministic)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    ctx = ctx.reshape(b, l, h)
-    attn = _dense(h, ("joined_kv", "embed"), self.dtype,
-                  "attention_output")(ctx)
-    attn = nn.Dropout(cfg.hidden_dropout_prob)(attn,
-                                               deterministic=deterministic)
+    # finite outputs.
+    attn = layers.MultiHeadAttention(
+        heads, hidden // heads, dropout_rate=cfg.attention_probs_dropout_prob,
+        dtype=self.dtype, joined_kv=True, name="attention")(
+            x, mask=layers.key_mask(key_mask), deterministic=deterministic)
+    attn = dropout(attn, deterministic=deterministic)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "attention_norm")(x + attn)
 
+    shape = x.shape
+    rows = x.reshape(-1, hidden)  # 2-D matmuls (see `layers.matmul_2d`)
     y = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype,
-               "intermediate")(x)
-    y = nn.gelu(y, approximate=False)  # HF 'gelu' is the exact erf form
-    y = _dense(h, ("mlp", "embed"), self.dtype, "output")(y)
-    y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+               "intermediate")(rows)
+    y = layers.gelu(y)  # HF 'gelu' is the exact erf form
+    y = _dense(hidden, ("mlp", "embed"), self.dtype, "output")(y)
+    y = dropout(y.reshape(shape), deterministic=deterministic)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "output_norm")(x + y)
-    return nn.with_logical_constraint(x, BLOCK_AXES)
+    return nn.with_logical_constraint(x, layers.BLOCK_AXES)
 
 
 class BertEncoder(nn.Module):
@@ -195,7 +169,7 @@ class BertEncoder(nn.Module):
   def __call__(self, tokens: Array, mask: Optional[Array] = None, *,
                token_type_ids: Optional[Array] = None,
                inputs_embeds: Optional[Array] = None,
-               enable_dropout: bool = False) -> Array:
+               deterministic: bool = True) -> Array:
     """Encodes `tokens` `[B, L]` int.
 
     Args:
@@ -204,7 +178,7 @@ class BertEncoder(nn.Module):
       mask: `[B, L]` bool/int, nonzero at real tokens; defaults to all valid.
       token_type_ids: optional `[B, L]` segment ids (default all 0).
       inputs_embeds: optional `[B, L, H]` replacing the word embeddings.
-      enable_dropout: apply dropout (training).
+      deterministic: False applies dropout (needs a 'dropout' rng).
     """
     if mask is None:
       shape = tokens.shape if inputs_embeds is None else inputs_embeds.shape[:2]
@@ -212,10 +186,10 @@ class BertEncoder(nn.Module):
     key_mask = mask.astype(bool)
     x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
         tokens, token_type_ids, inputs_embeds=inputs_embeds,
-        enable_dropout=enable_dropout)
+        deterministic=deterministic)
     for i in range(self.config.num_hidden_layers):
       x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
-          x, key_mask, enable_dropout=enable_dropout)
+          x, key_mask, deterministic=deterministic)
     return x
 
 

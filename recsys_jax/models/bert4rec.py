@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recsys_jax.models import item_vocab
 from recsys_jax.models import layers
 
 Array = jax.Array
@@ -105,17 +106,6 @@ class Bert4RecConfig:
   @property
   def padded_vocab(self) -> int:
     return round_up(self.num_items + 2, self.vocab_pad_multiple)
-
-
-def item_id_mask(padded_vocab: int, num_items: int) -> Array:
-  """`[padded_vocab]` bool, True exactly at the item ids 1..num_items."""
-  ids = jnp.arange(padded_vocab)
-  return (ids >= 1) & (ids <= num_items)
-
-
-def valid_item_mask(config: Bert4RecConfig) -> Array:
-  """`[padded_vocab]` bool, True exactly at the item ids 1..N."""
-  return item_id_mask(config.padded_vocab, config.num_items)
 
 
 def positions_from_end(item_ids: Array,
@@ -225,8 +215,9 @@ class Bert4Rec(nn.Module):
     # The matmul runs in the compute dtype; bias, mask and softmax in float32.
     logits = self.item_embed.attend(query).astype(jnp.float32)
     logits = logits + self.output_bias
-    return jnp.where(valid_item_mask(self.config), logits,
-                     layers.large_negative(jnp.float32))
+    valid = item_vocab.item_id_mask(self.config.padded_vocab,
+                                    self.config.num_items)
+    return jnp.where(valid, logits, layers.LARGE_NEGATIVE)
 
   def all_logits(self, item_ids: Array, **kwargs) -> Array:
     """Logits at every position `[B, L, padded_vocab]` (init and tests)."""

@@ -18,11 +18,11 @@ checkpoints onto it):
   lm_head/kernel                                [d_model, vocab] (untied only)
 
 `T5Encoder` has exactly the `token_embedder` and `encoder` subtrees, so
-`encoder_params(full_params)` feeds it.
+`encoder_params(full_params)` feeds it. Generation (greedy, beam search with
+a KV cache) lives in `recsys_jax.text.generation`.
 """
 
 import dataclasses
-import functools
 import json
 from typing import Any, Mapping, Optional
 
@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recsys_jax.text import decoding
+from recsys_jax.models import layers
 from recsys_jax.models import t5_layers
 
 Array = jax.Array
@@ -204,26 +204,29 @@ def _check_tokens(name: str, tokens: Array):
         f"{name} must be [batch, length], got shape {tokens.shape}")
 
 
+def _token_embedder(c: T5Config) -> nn.Embed:
+  return layers.embedding(c.vocab_size, c.d_model, ("vocab", "embed"),
+                          dtype=c.compute_dtype, name="token_embedder",
+                          init=nn.initializers.normal(stddev=1.0))
+
+
 class T5Encoder(nn.Module):
   """The encoder half alone (same parameter names as in `T5`)."""
   config: T5Config
 
   def setup(self):
-    c = self.config
-    self.token_embedder = t5_layers.Embed(c.vocab_size, c.d_model,
-                                          dtype=c.compute_dtype,
-                                          name="token_embedder")
-    self.encoder = t5_layers.Encoder(c, name="encoder")
+    self.token_embedder = _token_embedder(self.config)
+    self.encoder = t5_layers.Encoder(self.config, name="encoder")
 
   def __call__(self, encoder_input_tokens: Optional[Array] = None,
                encoder_mask: Optional[Array] = None, *,
                inputs_embeds: Optional[Array] = None,
-               enable_dropout: bool = False) -> Array:
+               deterministic: bool = True) -> Array:
     return _encode(self, encoder_input_tokens, encoder_mask, inputs_embeds,
-                   enable_dropout)
+                   deterministic)
 
 
-def _encode(module, tokens, mask, inputs_embeds, enable_dropout):
+def _encode(module, tokens, mask, inputs_embeds, deterministic):
   """Shared by `T5.encode` and `T5Encoder`."""
   if inputs_embeds is not None:
     if tokens is not None:
@@ -242,29 +245,31 @@ def _encode(module, tokens, mask, inputs_embeds, enable_dropout):
     x = module.token_embedder(tokens)
     if mask is None:
       mask = tokens != PAD_ID
-  return module.encoder(x, mask, deterministic=not enable_dropout)
+  return module.encoder(x, mask, deterministic=deterministic)
 
 
 class T5(nn.Module):
-  """Encoder-decoder T5 returning float32 logits."""
+  """Encoder-decoder T5 returning float32 logits.
+
+  Entry points: `encode`, `decode`, `project_encoded` (cross-attention keys
+  and values for cached decoding) and `__call__` (teacher forcing).
+  """
   config: T5Config
 
   def setup(self):
     c = self.config
-    self.token_embedder = t5_layers.Embed(c.vocab_size, c.d_model,
-                                          dtype=c.compute_dtype,
-                                          name="token_embedder")
+    self.token_embedder = _token_embedder(c)
     self.encoder = t5_layers.Encoder(c, name="encoder")
     self.decoder = t5_layers.Decoder(c, name="decoder")
     if not c.tie_word_embeddings:
-      self.lm_head = t5_layers.Dense(c.vocab_size, ("embed", "vocab"),
+      self.lm_head = t5_layers.dense(c.vocab_size, ("embed", "vocab"),
                                      c.d_model ** -0.5, c.compute_dtype,
                                      name="lm_head")
 
   def encode(self, encoder_input_tokens: Optional[Array],
              encoder_mask: Optional[Array] = None, *,
              inputs_embeds: Optional[Array] = None,
-             enable_dropout: bool = False) -> Array:
+             deterministic: bool = True) -> Array:
     """Encoder outputs `[B, L, d_model]` (compute dtype).
 
     Args:
@@ -274,37 +279,50 @@ class T5(nn.Module):
         `inputs_embeds`).
       inputs_embeds: `[B, L, d_model]` replacing the token embeddings (soft
         tokens).
-      enable_dropout: training mode (needs a 'dropout' rng).
+      deterministic: False applies dropout (needs a 'dropout' rng).
     """
     return _encode(self, encoder_input_tokens, encoder_mask, inputs_embeds,
-                   enable_dropout)
+                   deterministic)
 
-  def decode(self, encoded: Array, encoder_mask: Optional[Array],
+  def project_encoded(self, encoded: Array) -> t5_layers.CrossKV:
+    """Per decoder layer, cross-attention (key, value) `[B, H, L, d_kv]`.
+
+    Computed once per source for cached decoding (`decode(cross_kv=...)`).
+    """
+    return self.decoder.project_encoded(encoded)
+
+  def decode(self, encoded: Optional[Array], encoder_mask: Optional[Array],
              decoder_input_tokens: Array, *,
-             decoder_positions: Optional[Array] = None, decode: bool = False,
-             enable_dropout: bool = False) -> Array:
+             decoder_positions: Optional[Array] = None,
+             cross_kv: Optional[t5_layers.CrossKV] = None,
+             decode: bool = False, deterministic: bool = True) -> Array:
     """Decoder logits `[B, T, vocab]` (float32).
 
     Args:
-      encoded: `[B, L, d_model]` from `encode`.
+      encoded: `[B, L, d_model]` from `encode`; may be None with `cross_kv`.
       encoder_mask: `[B, L]` bool (None = no encoder padding).
       decoder_input_tokens: `[B, T]`, starting with the start id 0; `T == 1`
         per call in cached decoding.
       decoder_positions: optional `[B, T]` positions for the relative bias.
+      cross_kv: `project_encoded(encoded)`, used instead of `encoded`.
       decode: KV-cache mode (mutable 'cache' collection; see
         `t5_layers.Decoder`).
-      enable_dropout: training mode.
+      deterministic: False applies dropout (needs a 'dropout' rng).
     """
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
     if encoder_mask is None:
+      if encoded is None:
+        raise ValueError("decode with cross_kv needs the encoder_mask")
       encoder_mask = jnp.ones(encoded.shape[:2], bool)
     x = self.token_embedder(decoder_input_tokens)
     h = self.decoder(x, encoded, encoder_mask, decoder_positions,
-                     decode=decode, deterministic=not enable_dropout)
+                     cross_kv=cross_kv, decode=decode,
+                     deterministic=deterministic)
     if self.config.tie_word_embeddings:
       logits = self.token_embedder.attend(h * (self.config.d_model ** -0.5))
     else:
-      logits = self.lm_head(h)
+      logits = self.lm_head(h.reshape(-1, h.shape[-1])).reshape(
+          h.shape[:-1] + (-1,))
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.float32)
 
@@ -313,7 +331,7 @@ class T5(nn.Module):
                encoder_mask: Optional[Array] = None,
                inputs_embeds: Optional[Array] = None,
                decoder_positions: Optional[Array] = None,
-               decode: bool = False, enable_dropout: bool = False) -> Array:
+               decode: bool = False, deterministic: bool = True) -> Array:
     """Teacher-forced logits `[B, T, vocab]`."""
     if encoder_mask is None and inputs_embeds is None:
       encoder_mask = encoder_input_tokens != PAD_ID
@@ -321,10 +339,10 @@ class T5(nn.Module):
       encoder_mask = jnp.ones(inputs_embeds.shape[:2], bool)
     encoded = self.encode(encoder_input_tokens, encoder_mask,
                           inputs_embeds=inputs_embeds,
-                          enable_dropout=enable_dropout)
+                          deterministic=deterministic)
     return self.decode(encoded, encoder_mask, decoder_input_tokens,
                        decoder_positions=decoder_positions, decode=decode,
-                       enable_dropout=enable_dropout)
+                       deterministic=deterministic)
 
 
 def encoder_params(params: Mapping[str, Any]) -> dict:
@@ -343,77 +361,6 @@ def init_params(config: T5Config, rng: Array, *, encoder_only: bool = False):
   model = T5Encoder(config) if encoder_only else T5(config)
   args = (tokens,) if encoder_only else (tokens, tokens)
   return jax.jit(lambda r: model.init(r, *args)["params"])(rng)
-
-
-def make_decoding_fns(model: T5, params, encoded: Array,
-                      encoder_mask: Optional[Array], max_decode_len: int):
-  """`(tokens_to_logits, init_cache)` for `recsys_jax.text.decoding`.
-
-  `tokens_to_logits(tokens [N, 1], cache) -> (logits [N, vocab], cache)` runs
-  one cached step against `encoded`/`encoder_mask`, which must already have
-  one row per hypothesis N (`decoding.expand_for_beams` for beam search).
-  `init_cache(rows)` gives a zero cache for `rows` rows: pass the batch size
-  for greedy and for beam search (which expands the cache itself).
-  """
-  if encoder_mask is None:
-    encoder_mask = jnp.ones(encoded.shape[:2], bool)
-
-  def init_cache(rows):
-    shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, encoded[:1].repeat(rows, 0),
-                            encoder_mask[:1].repeat(rows, 0),
-                            jnp.zeros((rows, max_decode_len), jnp.int32),
-                            decode=True, method=T5.decode,
-                            mutable=["cache"])[1]["cache"])
-    # Every cache variable starts at zero (keys, values and cache_index).
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def tokens_to_logits(tokens, cache):
-    logits, mutated = model.apply({"params": params, "cache": cache}, encoded,
-                                  encoder_mask, tokens, decode=True,
-                                  method=T5.decode, mutable=["cache"])
-    return logits[:, -1, :], mutated["cache"]
-
-  return tokens_to_logits, init_cache
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_len",
-                                             "num_beams", "alpha", "eos_id"))
-def generate(model: T5, params, encoder_input_tokens: Optional[Array], *,
-             max_decode_len: int, num_beams: int = 1, alpha: float = 0.6,
-             encoder_mask: Optional[Array] = None,
-             inputs_embeds: Optional[Array] = None,
-             eos_id: int = EOS_ID) -> decoding.BeamResult:
-  """Greedy (`num_beams=1`) or beam-search generation with a KV cache (jitted).
-
-  Returns:
-    `BeamResult(tokens [B, num_beams, max_decode_len], scores [B, num_beams])`
-    sorted best first; tokens after EOS are 0. Greedy scores are summed log
-    probabilities; beam scores are length-penalised (see `decoding`).
-  """
-  if encoder_mask is None:
-    if inputs_embeds is not None:
-      encoder_mask = jnp.ones(inputs_embeds.shape[:2], bool)
-    else:
-      encoder_mask = encoder_input_tokens != PAD_ID
-  encoded = model.apply({"params": params}, encoder_input_tokens, encoder_mask,
-                        inputs_embeds=inputs_embeds, method=T5.encode)
-  batch = encoded.shape[0]
-  if num_beams == 1:
-    fn, init_cache = make_decoding_fns(model, params, encoded, encoder_mask,
-                                       max_decode_len)
-    out = decoding.greedy_search(fn, init_cache(batch),
-                                 batch_size=batch,
-                                 max_decode_len=max_decode_len, eos_id=eos_id)
-    return decoding.BeamResult(out.tokens[:, None], out.log_probs[:, None])
-  encoded_b = decoding.expand_for_beams(encoded, num_beams)
-  mask_b = decoding.expand_for_beams(encoder_mask, num_beams)
-  fn, init_cache = make_decoding_fns(model, params, encoded_b, mask_b,
-                                     max_decode_len)
-  return decoding.beam_search(fn, init_cache(batch), batch_size=batch,
-                              beam_size=num_beams,
-                              max_decode_len=max_decode_len, alpha=alpha,
-                              eos_id=eos_id)
 
 
 def config_to_json(config: T5Config) -> str:

@@ -5,29 +5,31 @@ Parameters are float32 and carry logical axis names; compute runs in `dtype`
 T5 specifics: RMS layer norm without bias or mean subtraction, no biases
 anywhere, no 1/sqrt(d_kv) scaling of attention logits (it is folded into the
 query initialisation), and bucketed relative position biases computed once per
-stack and added to every layer's attention logits.
+stack and added to every layer's attention logits. Attention, dropout and the
+norm are the shared `models.layers` modules.
 
 The modules read their sizes from a config object with `T5Config`'s fields
 (see `recsys_jax.models.t5`); they do not import it to avoid a cycle.
 """
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recsys_jax.models import layers
+
 Array = jax.Array
 DType = Any
+# Per decoder layer, the encoder output's cross-attention (keys, values),
+# each `[B, heads, L, d_kv]` (`Decoder.project_encoded`).
+CrossKV = Sequence[Tuple[Array, Array]]
 
-BLOCK_AXES = ("batch", "length", "embed")
-# A finite "minus infinity" for masked attention logits (kept in float32).
-MASK_VALUE = -1e10
 
-
-def _normal(std: float, axes: Tuple[Optional[str], ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+def _normal(std: float):
+  return nn.initializers.normal(stddev=std)
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
@@ -69,58 +71,11 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
   return buckets + jnp.where(is_small, n, large)
 
 
-class RMSNorm(nn.Module):
-  """T5 layer norm: `x / sqrt(mean(x^2) + eps) * scale`, statistics in fp32."""
-  epsilon: float = 1e-6
-  dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = self.param("scale",
-                       nn.with_logical_partitioning(nn.initializers.ones,
-                                                    ("embed",)),
-                       (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(var + self.epsilon)
-    return (y * scale).astype(self.dtype)
-
-
-class Dense(nn.Module):
-  """Bias-free `x @ kernel` with a float32 kernel named by logical axes."""
-  features: int
-  kernel_axes: Tuple[str, str]
-  init_std: float = 1.0
-  dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _normal(self.init_std, self.kernel_axes),
-                        (x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-
-
-class Embed(nn.Module):
-  """Token embedding `[vocab, embed]`; `attend` gives the tied output logits."""
-  num_embeddings: int
-  features: int
-  dtype: DType = jnp.float32
-  init_std: float = 1.0
-
-  def setup(self):
-    self.embedding = self.param(
-        "embedding", _normal(self.init_std, ("vocab", "embed")),
-        (self.num_embeddings, self.features), jnp.float32)
-
-  def __call__(self, ids: Array) -> Array:
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
-
-  def attend(self, x: Array) -> Array:
-    """`x @ embedding.T` -> `[..., vocab]`."""
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
-                      self.embedding.astype(self.dtype))
+def dense(features: int, axes: Tuple[str, str], init_std: float,
+          dtype: DType, name: str) -> nn.Dense:
+  """T5's bias-free Dense with a normal(init_std) float32 kernel."""
+  return layers.dense(features, axes, dtype=dtype, use_bias=False,
+                      init=_normal(init_std), name=name)
 
 
 class RelativePositionBiases(nn.Module):
@@ -141,7 +96,8 @@ class RelativePositionBiases(nn.Module):
   def __call__(self, query_positions: Array, key_positions: Array, *,
                bidirectional: bool) -> Array:
     """Bias `[B|1, heads, Q, K]` (fp32) for positions `[B|1, Q]`, `[B|1, K]`."""
-    table = self.param("rel_embedding", _normal(self.init_std, ("heads", None)),
+    table = self.param("rel_embedding",
+                       layers.logical(_normal(self.init_std), ("heads", None)),
                        (self.num_heads, self.num_buckets), jnp.float32)
     rel = key_positions[:, None, :] - query_positions[:, :, None]
     buckets = relative_position_bucket(rel, bidirectional=bidirectional,
@@ -149,90 +105,6 @@ class RelativePositionBiases(nn.Module):
                                        max_distance=self.max_distance)
     values = jnp.take(table, buckets, axis=1)  # [H, B, Q, K]
     return jnp.transpose(values, (1, 0, 2, 3))
-
-
-class MultiHeadAttention(nn.Module):
-  """T5 attention: unscaled dot products plus additive bias, optional KV cache.
-
-  With `decode=True` the layer keeps `cached_key`/`cached_value`
-  `[B, max_len, heads, d_kv]` in the 'cache' collection. The first call (cache
-  absent, e.g. under `init`) creates them from the full-length input and runs
-  normally; later calls take one new position and write it at `decode_index`.
-
-  Attributes:
-    num_heads: heads.
-    d_kv: size of each head (heads * d_kv need not equal d_model).
-    dropout_rate: dropout on the attention probabilities.
-    dtype: compute dtype.
-  """
-  num_heads: int
-  d_kv: int
-  dropout_rate: float = 0.0
-  dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array,
-               mask: Optional[Array] = None, bias: Optional[Array] = None, *,
-               decode: bool = False, decode_index: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    """Attends `inputs_q` `[B, Q, D]` to `inputs_kv` `[B, K, D]`.
-
-    Args:
-      inputs_q: queries' inputs.
-      inputs_kv: keys'/values' inputs.
-      mask: bool, broadcastable to `[B, heads, Q, K]`; True = may attend.
-      bias: float, broadcastable to `[B, heads, Q, K]`, added to the logits.
-      decode: use/create the KV cache (self-attention only).
-      decode_index: int scalar, the position written in single-step decoding.
-      deterministic: disables dropout.
-
-    Returns:
-      `[B, Q, D]` in `dtype`.
-    """
-    d_model = inputs_q.shape[-1]
-    inner = self.num_heads * self.d_kv
-
-    def proj(name, std):
-      return Dense(inner, ("embed", "joined_kv"), std, self.dtype, name=name)
-
-    query = proj("query", (d_model * self.d_kv) ** -0.5)(inputs_q)
-    key = proj("key", d_model ** -0.5)(inputs_kv)
-    value = proj("value", d_model ** -0.5)(inputs_kv)
-    split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, self.d_kv))
-    query, key, value = split(query), split(key), split(value)
-
-    if decode:
-      initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape,
-                                 key.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros,
-                                   value.shape, value.dtype)
-      if initialized:
-        if query.shape[1] != 1 or decode_index is None:
-          raise ValueError(
-              "cached decoding takes one position per call and a decode_index;"
-              f" got inputs of length {query.shape[1]}")
-        start = (0, decode_index, 0, 0)
-        key = jax.lax.dynamic_update_slice(cached_key.value,
-                                           key.astype(cached_key.value.dtype),
-                                           start)
-        value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), start)
-        cached_key.value = key
-        cached_value.value = value
-
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype),
-                     value.astype(self.dtype))
-    out = out.reshape(out.shape[:2] + (inner,))
-    return Dense(d_model, ("joined_kv", "embed"), inner ** -0.5, self.dtype,
-                 name="out")(out)
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -275,22 +147,33 @@ class MlpBlock(nn.Module):
     d_model = x.shape[-1]
     gated, act_name = parse_feed_forward_proj(self.feed_forward_proj)
     act = _activation(act_name)
-    wi = lambda name: Dense(self.d_ff, ("embed", "mlp"), d_model ** -0.5,
-                            self.dtype, name=name)(x)
+    rows = x.reshape(-1, d_model)  # 2-D matmuls (see `layers.matmul_2d`)
+    wi = lambda name: dense(self.d_ff, ("embed", "mlp"), d_model ** -0.5,
+                            self.dtype, name)(rows)
     if gated:
       h = act(wi("wi_0")) * wi("wi_1")
     else:
       h = act(wi("wi"))
+    h = h.reshape(x.shape[:-1] + (self.d_ff,))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return Dense(d_model, ("mlp", "embed"), self.d_ff ** -0.5, self.dtype,
-                 name="wo")(h)
+    h = layers.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    y = dense(d_model, ("mlp", "embed"), self.d_ff ** -0.5, self.dtype,
+              "wo")(h.reshape(-1, self.d_ff))
+    return y.reshape(x.shape)
 
 
-def _attention(config, name):
-  return MultiHeadAttention(num_heads=config.num_heads, d_kv=config.d_kv,
-                            dropout_rate=config.dropout_rate,
-                            dtype=config.compute_dtype, name=name)
+def attention(config, name: str) -> layers.MultiHeadAttention:
+  """T5 attention: joined, bias-free kernels and unscaled logits.
+
+  The 1/sqrt(d_kv) is folded into the query initialisation, as in Mesh TF.
+  """
+  d_model, d_kv, heads = config.d_model, config.d_kv, config.num_heads
+  return layers.MultiHeadAttention(
+      num_heads=heads, head_dim=d_kv, dropout_rate=config.dropout_rate,
+      dtype=config.compute_dtype, use_bias=False, scale_queries=False,
+      joined_kv=True, kernel_init=_normal(d_model ** -0.5),
+      query_kernel_init=_normal((d_model * d_kv) ** -0.5),
+      out_kernel_init=_normal((heads * d_kv) ** -0.5), name=name)
 
 
 def _mlp(config, name="mlp"):
@@ -300,8 +183,8 @@ def _mlp(config, name="mlp"):
 
 
 def _norm(config, name):
-  return RMSNorm(epsilon=config.layer_norm_epsilon,
-                 dtype=config.compute_dtype, name=name)
+  return layers.RMSNorm(epsilon=config.layer_norm_epsilon,
+                        dtype=config.compute_dtype, name=name)
 
 
 def _relpos(config):
@@ -319,18 +202,20 @@ class EncoderLayer(nn.Module):
   def setup(self):
     self.pre_attention_layer_norm = _norm(self.config,
                                           "pre_attention_layer_norm")
-    self.attention = _attention(self.config, "attention")
+    self.attention = attention(self.config, "attention")
     self.pre_mlp_layer_norm = _norm(self.config, "pre_mlp_layer_norm")
     self.mlp = _mlp(self.config)
-    self.dropout = nn.Dropout(self.config.dropout_rate)
+    self.dropout = layers.Dropout(self.config.dropout_rate)
 
-  def __call__(self, x, mask, bias, *, deterministic=True):
+  def __call__(self, x: Array, bias: Array, *,
+               deterministic: bool = True) -> Array:
+    """`x` `[B, L, D]`; `bias` `[B, H, L, L]`: position bias + key mask."""
     h = self.pre_attention_layer_norm(x)
-    h = self.attention(h, h, mask, bias, deterministic=deterministic)
+    h = self.attention(h, bias=bias, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x), deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, BLOCK_AXES)
+    return nn.with_logical_constraint(x, layers.BLOCK_AXES)
 
 
 class DecoderLayer(nn.Module):
@@ -341,29 +226,34 @@ class DecoderLayer(nn.Module):
     c = self.config
     self.pre_self_attention_layer_norm = _norm(c,
                                                "pre_self_attention_layer_norm")
-    self.self_attention = _attention(c, "self_attention")
+    self.self_attention = attention(c, "self_attention")
     self.pre_cross_attention_layer_norm = _norm(
         c, "pre_cross_attention_layer_norm")
-    self.encoder_decoder_attention = _attention(c, "encoder_decoder_attention")
+    self.encoder_decoder_attention = attention(c, "encoder_decoder_attention")
     self.pre_mlp_layer_norm = _norm(c, "pre_mlp_layer_norm")
     self.mlp = _mlp(c)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
-  def __call__(self, x, encoded, self_mask, self_bias, cross_mask, *,
-               decode=False, decode_index=None, deterministic=True):
+  def __call__(self, x: Array, encoded: Optional[Array], self_bias: Array,
+               cross_bias: Array, *,
+               cross_kv: Optional[Tuple[Array, Array]] = None,
+               decode: bool = False, decode_index: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """One layer; `cross_kv` (this layer's) replaces `encoded` when given."""
     h = self.pre_self_attention_layer_norm(x)
-    h = self.self_attention(h, h, self_mask, self_bias, decode=decode,
+    h = self.self_attention(h, bias=self_bias, decode=decode,
                             decode_index=decode_index,
                             deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.pre_cross_attention_layer_norm(x)
     # T5 has no position bias on cross-attention.
-    h = self.encoder_decoder_attention(h, encoded, cross_mask, None,
-                                       deterministic=deterministic)
+    h = self.encoder_decoder_attention(
+        h, None if cross_kv is not None else encoded, bias=cross_bias,
+        memory_kv=cross_kv, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x), deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, BLOCK_AXES)
+    return nn.with_logical_constraint(x, layers.BLOCK_AXES)
 
 
 class StepCounter(nn.Module):
@@ -390,21 +280,22 @@ class Encoder(nn.Module):
     self.layers = [EncoderLayer(c, name=f"layers_{i}")
                    for i in range(c.num_encoder_layers)]
     self.encoder_norm = _norm(c, "encoder_norm")
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
   def __call__(self, x: Array, mask: Array, *,
                deterministic: bool = True) -> Array:
     """`x` `[B, L, D]` embeddings, `mask` `[B, L]` bool -> `[B, L, D]`."""
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None]
-    # Computed once, shared by all layers (HF: layer 0 owns the table).
-    bias = self.relpos_bias(positions, positions, bidirectional=True)
-    # Key mask only, as HF: padded query rows still produce (unused) outputs.
-    attn_mask = mask.astype(bool)[:, None, None, :]
-    x = nn.with_logical_constraint(x, BLOCK_AXES)
+    # Position bias plus key mask, computed once and shared by all layers
+    # (HF: layer 0 owns the table). Key mask only, as HF: padded query rows
+    # still produce (unused) outputs.
+    bias = (self.relpos_bias(positions, positions, bidirectional=True) +
+            layers.mask_bias(layers.key_mask(mask)))
+    x = nn.with_logical_constraint(x, layers.BLOCK_AXES)
     x = self.dropout(x, deterministic=deterministic)
     for layer in self.layers:
-      x = layer(x, attn_mask, bias, deterministic=deterministic)
+      x = layer(x, bias, deterministic=deterministic)
     x = self.encoder_norm(x)
     return self.dropout(x, deterministic=deterministic)
 
@@ -414,7 +305,8 @@ class Decoder(nn.Module):
 
   In cached decoding the decoder keeps `cache_index/index` (int32 scalar) in
   the 'cache' collection; every other cache leaf has the batch as leading
-  axis. The first `decode=True` call (cache absent) creates the cache from a
+  axis (the self-attention keys and values, `[B, heads, max_len, d_kv]`).
+  The first `decode=True` call (cache absent) creates the cache from a
   full-length `[B, max_len]` input and runs like `decode=False`.
   """
   config: Any
@@ -425,28 +317,45 @@ class Decoder(nn.Module):
     self.layers = [DecoderLayer(c, name=f"layers_{i}")
                    for i in range(c.num_decoder_layers)]
     self.decoder_norm = _norm(c, "decoder_norm")
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
     self.step_counter = StepCounter(name="cache_index")
 
-  def __call__(self, x: Array, encoded: Array, encoder_mask: Array,
+  def project_encoded(self, encoded: Array) -> CrossKV:
+    """Per layer, the cross-attention keys and values of `encoded`.
+
+    `encoded` `[B, L, D]` -> a tuple of (key, value) `[B, heads, L, d_kv]`:
+    computed once per source and passed as `cross_kv` to every decoding
+    step, instead of projecting the encoder output again at each token.
+    """
+    return tuple(layer.encoder_decoder_attention.project_memory(encoded)
+                 for layer in self.layers)
+
+  def __call__(self, x: Array, encoded: Optional[Array], encoder_mask: Array,
                decoder_positions: Optional[Array] = None, *,
-               decode: bool = False, deterministic: bool = True) -> Array:
+               cross_kv: Optional[CrossKV] = None, decode: bool = False,
+               deterministic: bool = True) -> Array:
     """Runs the stack.
 
     Args:
       x: `[B, T, D]` embedded decoder inputs (`T == 1` in cached steps).
-      encoded: `[B, L, D]` encoder outputs.
+      encoded: `[B, L, D]` encoder outputs; may be None with `cross_kv`.
       encoder_mask: `[B, L]` bool, False at encoder padding.
       decoder_positions: optional `[B, T]` positions for the relative bias
         (default `0..T-1`); ignored in cached steps.
+      cross_kv: `project_encoded(encoded)`, used instead of `encoded`.
       decode: cached decoding (see class docstring).
-      deterministic: disables dropout.
+      deterministic: False applies dropout (needs a 'dropout' rng).
 
     Returns:
       `[B, T, D]` hidden states after the final layer norm.
     """
+    if encoded is None and cross_kv is None:
+      raise ValueError("the decoder needs encoded or cross_kv")
+    if cross_kv is not None and len(cross_kv) != len(self.layers):
+      raise ValueError(f"cross_kv has {len(cross_kv)} layers; the decoder "
+                       f"has {len(self.layers)}")
     length = x.shape[1]
-    cross_mask = encoder_mask.astype(bool)[:, None, None, :]
+    cross_bias = layers.mask_bias(layers.key_mask(encoder_mask))
     decode_index = None
     stepping = False
     if decode:
@@ -456,24 +365,26 @@ class Decoder(nn.Module):
         raise ValueError(
             f"cached decoding takes one token per step, got {length}")
       cache_len = self.layers[0].self_attention.get_variable(
-          "cache", "cached_key").shape[1]
+          "cache", "cached_key").shape[2]
       key_positions = jnp.arange(cache_len, dtype=jnp.int32)
       bias = self.relpos_bias(decode_index[None, None], key_positions[None],
                               bidirectional=False)
-      self_mask = (key_positions <= decode_index)[None, None, None, :]
+      causal = (key_positions <= decode_index)[None, None, None, :]
     else:
       if decoder_positions is None:
         positions = jnp.arange(length, dtype=jnp.int32)[None]
       else:
         positions = jnp.asarray(decoder_positions, jnp.int32)
       bias = self.relpos_bias(positions, positions, bidirectional=False)
-      self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+      causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    self_bias = bias + layers.mask_bias(causal)
 
-    x = nn.with_logical_constraint(x, BLOCK_AXES)
+    x = nn.with_logical_constraint(x, layers.BLOCK_AXES)
     x = self.dropout(x, deterministic=deterministic)
-    for layer in self.layers:
-      x = layer(x, encoded, self_mask, bias, cross_mask, decode=decode,
-                decode_index=decode_index, deterministic=deterministic)
+    for i, layer in enumerate(self.layers):
+      x = layer(x, encoded, self_bias, cross_bias,
+                cross_kv=None if cross_kv is None else cross_kv[i],
+                decode=decode, decode_index=decode_index,
+                deterministic=deterministic)
     x = self.decoder_norm(x)
     return self.dropout(x, deterministic=deterministic)
-

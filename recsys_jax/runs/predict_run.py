@@ -2,9 +2,11 @@
 
 Ranking models: for every user of a leave-one-out split, the top-k items
 with titles and scores, the user's history and the held-out item (and
-whether it was hit). Each process writes the users of its own input shard
-to `MODEL_DIR/predict/<split>_step<step>[.process<i>].jsonl`; one process
-writes one file.
+whether it was hit). Text models (with `predict_batch`): for every example
+of the split, the generated text beside its reference and input, through
+the run's evaluator (`GenerationEvaluator.records`). Each process writes the
+rows of its own input shard to
+`MODEL_DIR/predict/<split>_step<step>[.process<i>].jsonl`.
 """
 
 import itertools
@@ -17,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from recsys_jax.core import partitioning
-from recsys_jax.data import prepared
 from recsys_jax.evaluation import ranking
 from recsys_jax.runs import restore
+from recsys_jax.text import item_texts
 
 PREDICT_SUBDIR = "predict"
 USER_ID = "user_id"
@@ -33,11 +35,10 @@ def output_path(model_dir: str, split: str, step: int) -> str:
 
 
 def _item_titles(data_dir: str) -> List[str]:
-  """Titles by item index (index 0, padding, is '')."""
-  titles = [""]
-  for item in prepared.read_items(data_dir):
-    titles.append(str(item.get("title") or item.get("id") or ""))
-  return titles
+  """Titles by vocabulary index (0, padding, is ''); the item id where an
+  item has no title."""
+  return [""] + [str(row.get(item_texts.TITLE) or row.get("item_id") or "")
+                 for row in item_texts.read_rows(data_dir)]
 
 
 def make_top_k_fn(model, k: int, exclude_history: bool, mesh):
@@ -94,27 +95,39 @@ def ranking_records(model, params, batches: Iterator[Mapping[str, np.ndarray]],
       yield record
 
 
+def _limit(batches, max_rows: Optional[int], batch_size: int):
+  """The first ceil(max_rows / batch_size) batches (all when None): whole
+  batches, the same number on every process."""
+  if max_rows is None:
+    return batches
+  return itertools.islice(batches, -(-int(max_rows) // batch_size))
+
+
 def predict(*, model_dir: str, data, model,
             mesh_config: partitioning.MeshConfig,
+            evaluation=None,
             split: str = "test", top_k: int = 10,
             exclude_history: bool = True, batch_size: int = 256,
             max_users: Optional[int] = None,
             checkpoint_step: Optional[int] = None,
             exported_dir: Optional[str] = None) -> str:
-  """Writes the model's top-k items for every user of `split` as JSONL.
+  """Writes the model's predictions on `split` as JSONL (module docstring).
 
   Args:
     model_dir: the run directory (MODEL_DIR); output under `predict/`.
     data: the run's data (`eval_batches(split, batch_size, extra_features)`).
-    model: a ranking model wrapper (`score_fn`, `num_items`).
+    model: a ranking model wrapper (`score_fn`, `num_items`) or a text model
+      (`predict_batch`).
     mesh_config: partitioning.
-    split: 'validation' or 'test' (leave-one-out: the history is all items
-      before the held-out one, which is recorded as the target).
-    top_k: items per user.
+    evaluation: the run's evaluation; text models need an evaluator with
+      `records` (gin/models/t5.gin binds `GenerationEvaluator`).
+    split: 'validation' or 'test' (ranking: leave-one-out, the history is
+      all items before the held-out one, recorded as the target).
+    top_k: items per user (ranking models).
     exclude_history: never recommend an item of the user's history.
     batch_size: global batch size.
-    max_users: about this many users (whole batches, the same number on
-      every process; None: all).
+    max_users: about this many users / examples (whole batches, the same
+      number on every process; None: all).
     checkpoint_step, exported_dir: which parameters (as `evaluate`).
 
   Returns:
@@ -124,20 +137,33 @@ def predict(*, model_dir: str, data, model,
   rules = mesh_config.logical_rules()
   params, step = restore.restore_params(model, model_dir, mesh, rules,
                                         checkpoint_step, exported_dir)
-  titles = _item_titles(data.data_dir)
   path = output_path(model_dir, split, step)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  batches = data.eval_batches(split, batch_size, extra_features=(USER_ID,))
-  if max_users is not None:
-    batches = itertools.islice(batches, -(-int(max_users) // batch_size))
+  if hasattr(model, "predict_batch"):
+    if not callable(getattr(evaluation, "records", None)):
+      raise ValueError(
+          f"predicting with {type(model).__name__} needs an evaluation with "
+          f"records() (e.g. generation.GenerationEvaluator); got "
+          f"EVALUATION={evaluation!r}")
+    batches = _limit(data.eval_batches(split, batch_size), max_users,
+                     batch_size)
+    records = evaluation.records(model, params, batches, mesh=mesh,
+                                 rules=rules)
+    what = "generations"
+  else:
+    batches = _limit(data.eval_batches(split, batch_size,
+                                       extra_features=(USER_ID,)),
+                     max_users, batch_size)
+    records = ranking_records(model, params, batches,
+                              titles=_item_titles(data.data_dir), top_k=top_k,
+                              exclude_history=exclude_history, mesh=mesh,
+                              rules=rules)
+    what = f"users' top-{top_k}"
   written = 0
   with open(path + ".tmp", "w") as f:
-    for record in ranking_records(model, params, batches, titles=titles,
-                                  top_k=top_k,
-                                  exclude_history=exclude_history, mesh=mesh,
-                                  rules=rules):
+    for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       written += 1
   os.replace(path + ".tmp", path)
-  print(f"Wrote {written} users' top-{top_k} to {path}", flush=True)
+  print(f"Wrote {written} {what} to {path}", flush=True)
   return path

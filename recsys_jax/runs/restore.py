@@ -24,39 +24,42 @@ def restore_params(model, model_dir, mesh, rules, checkpoint_step=None,
                                                  shardings)
   if exported_dir:
     manifest = read_export_manifest(exported_dir)
-    if manifest["num_items"] != model.num_items:
-      raise ValueError(
-          f"{exported_dir}: exported for {manifest['num_items']} items but "
-          f"the dataset has {model.num_items}")
-    checkpoints.check_architecture(
-        manifest.get(checkpoints.ARCHITECTURE_KEY), model.architecture(),
-        f"the export in {exported_dir}")
+    check_meta(manifest, model, f"the export in {exported_dir}")
     params = checkpoints.restore_params(
         os.path.join(exported_dir, "params"), abstract)
     return params, int(manifest["step"])
   ckpt = checkpoints.Checkpointer(model_dir, keep=None)
-  step = checkpoint_step if checkpoint_step is not None else ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint_<step> in {model_dir}; train "
-                            "first or pass --gin.EXPORTED_DIR")
-  if step not in ckpt.all_steps():
-    raise FileNotFoundError(f"{model_dir}/checkpoint_{step} does not exist; "
-                            f"available steps: {sorted(ckpt.all_steps())}")
-  checkpoints.check_architecture(
-      ckpt.restore_meta(step).get(checkpoints.ARCHITECTURE_KEY),
-      model.architecture(), f"{model_dir}/checkpoint_{step}")
-  # Only the params of the saved TrainState are read (no optimizer needed).
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  target = {"params": abstract}
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(ckpt.directory, f"{checkpoints.STEP_PREFIX}_{step}",
-                   "state"),
-      args=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-  ckpt.close()
-  return restored["params"], int(step)
+  try:
+    step = (checkpoint_step if checkpoint_step is not None
+            else ckpt.latest_step())
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint_<step> in {model_dir}; train "
+                              "first or pass --gin.EXPORTED_DIR")
+    if step not in ckpt.all_steps():
+      raise FileNotFoundError(
+          f"{model_dir}/checkpoint_{step} does not exist; available steps: "
+          f"{sorted(ckpt.all_steps())}")
+    check_meta(ckpt.restore_meta(step), model, f"{model_dir}/checkpoint_{step}")
+    # Only the params of the saved TrainState are read (no optimizer needed);
+    # an unreadable file raises CheckpointReadError naming it (no fallback
+    # to another step: evaluating other parameters than asked for would
+    # mislead).
+    return ckpt.restore_params(step, abstract), int(step)
+  finally:
+    ckpt.close()
+
+
+def check_meta(saved: dict, model, where: str) -> None:
+  """ValueError unless parameters saved with `saved` metadata (a checkpoint's
+  or an export's) fit `model`: its architecture record and the values it
+  writes into checkpoint metadata (`model.checkpoint_meta()`, e.g. the
+  catalogue size) must agree where both have them."""
+  for key, want in model.checkpoint_meta().items():
+    if key in saved and saved[key] != want:
+      raise ValueError(f"{where} was saved with {key}={saved[key]!r} but the "
+                       f"configured model has {key}={want!r}")
+  checkpoints.check_architecture(saved.get(checkpoints.ARCHITECTURE_KEY),
+                                 model.architecture(), where)
 
 
 def read_export_manifest(exported_dir: str) -> dict:

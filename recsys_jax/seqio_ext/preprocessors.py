@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from recsys_jax.data import prepared
 from recsys_jax.seqio_ext import sources
+from recsys_jax.text import item_texts as item_texts_lib
 
 ITEM_IDS = prepared.ITEM_IDS
 TARGETS = "targets"
@@ -529,20 +530,11 @@ def tokenize_texts(ds: tf.data.Dataset, *, vocabulary: seqio.Vocabulary,
 
 
 def item_texts(data_dir: str) -> List[str]:
-  """Item texts (`prepared.item_text`) indexed by vocabulary id 0..N+1.
+  """Item texts (`text.item_texts`) indexed by vocabulary id 0..N+1.
 
   Entries 0 (padding) and N + 1 ([MASK]) are empty strings.
   """
-  items = prepared.read_items(data_dir)
-  texts = [""] * (len(items) + 2)
-  for line, item in enumerate(items, start=1):
-    index = item.get("index", line)
-    if index != line:
-      raise ValueError(
-          f"{data_dir}/{prepared.ITEMS_FILE} line {line}: index {index}; "
-          f"expected {line} (rows are in vocabulary order)")
-    texts[line] = prepared.item_text(item)
-  return texts
+  return item_texts_lib.texts_by_index(data_dir)
 
 
 def item_text_tokens(data_dir: str, *, max_tokens: int = 64,

@@ -1,8 +1,8 @@
 """Task datasets -> numpy model batches, with a resumable train position.
 
-Our tasks already emit the model's features (docs/FEATURES.md), so the
-"conversion" is selecting them, batching, padding the last evaluation batch
-and making the train stream resumable.
+Our tasks already emit the model's features (docs/FEATURES.md), so no SeqIO
+FeatureConverter is needed: this module selects the features, batches them,
+pads the last evaluation batch and makes the train stream resumable.
 
 Resuming (the choice made here): no iterator state is checkpointed, only
 the step. The train stream is a deterministic sequence of chunks of K epochs;

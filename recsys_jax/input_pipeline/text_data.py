@@ -1,0 +1,251 @@
+"""A run's text data: a registered text task -> host-local T5 batches.
+
+The text-to-text counterpart of `sequence_data.SequenceData`, with the same
+interface for the runs: `train_batches(start_step, local_batch_size)` (a
+deterministic, resumable stream: `seqio_ext.batching.train_batches`
+over the task seen through seqio's `EncDecFeatureConverter`, pack=False) and
+`eval_batches(split, global_batch_size)` (every example once, in order, padded
+with `valid`, the same number of batches on every process).
+
+Batches hold the converter's features, `[B, L]` / `[B, T]`:
+  encoder_input_tokens, decoder_input_tokens (targets shifted right, start
+  id 0), decoder_target_tokens, decoder_loss_weights (int32, 1 = target);
+evaluation batches add `valid` `[B]` float32 and, for references and
+predict outputs, `inputs_pretokenized` / `targets_pretokenized` (bytes
+objects) and `item_index` (int32, the target item). `model_inputs(batch)`
+keeps the numeric features a jitted model function takes.
+"""
+
+import functools
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from recsys_jax.data import prepared
+from recsys_jax.input_pipeline import sequence_data
+from recsys_jax.seqio_ext import batching
+from tasks import text_tasks
+
+MODEL_FEATURES = tuple(seqio.EncDecFeatureConverter.MODEL_FEATURES)
+TEXT_FEATURES = ("inputs_pretokenized", "targets_pretokenized",
+                 text_tasks.ITEM_INDEX)
+VALID = batching.VALID
+
+
+def model_inputs(batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """The numeric model features of a batch (no strings, no `valid`)."""
+  return {k: v for k, v in batch.items()
+          if k != VALID and np.asarray(v).dtype != object}
+
+
+class ConvertedTask:
+  """A text task seen through `seqio.EncDecFeatureConverter(pack=False)`.
+
+  Duck-types the part of `seqio.Task` that `batching.train_batches`
+  uses (`name`, `config`, `get_dataset`), so the text stream gets the same
+  chunked, resumable order as the sequence tasks.
+  """
+
+  def __init__(self, task: seqio.Task, lengths: Mapping[str, int]):
+    self.task = task
+    self.lengths = dict(lengths)
+    self.config = dict(getattr(task, "config", {}) or {})
+    self.default_seed = getattr(task, "default_seed", 0)
+    self.name = (f"{task.name}@encdec({self.lengths['inputs']},"
+                 f"{self.lengths['targets']})")
+    self.converter = seqio.EncDecFeatureConverter(pack=False)
+
+  def raw_dataset(self, split: str, *, shuffle: bool, seed: Optional[int],
+                  shard_info: Optional[seqio.ShardInfo],
+                  num_epochs: Optional[int] = 1,
+                  try_in_mem_cache: bool = False) -> tf.data.Dataset:
+    """The task's examples (inputs/targets tokens, strings), trimmed."""
+    return self.task.get_dataset(
+        sequence_length=self.lengths, split=split, shuffle=shuffle, seed=seed,
+        shard_info=shard_info, num_epochs=num_epochs,
+        try_in_mem_cache=try_in_mem_cache)
+
+  def get_dataset(self, sequence_length=None, split: str = "train",
+                  shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None,
+                  num_epochs: Optional[int] = 1,
+                  try_in_mem_cache: bool = False, **unused
+                  ) -> tf.data.Dataset:
+    """Model features of the task (sequence_length: the constructor's)."""
+    del sequence_length, unused
+    ds = self.raw_dataset(split, shuffle=shuffle, seed=seed,
+                          shard_info=shard_info, num_epochs=num_epochs,
+                          try_in_mem_cache=try_in_mem_cache)
+    return self.converter(ds, self.lengths)
+
+  def eval_dataset(self, split: str,
+                   shard_info: Optional[seqio.ShardInfo]) -> tf.data.Dataset:
+    """Model features plus `TEXT_FEATURES`, in the task's order.
+
+    The converter keeps only model features, so the strings come from a
+    second pass over the same (deterministic, unshuffled) examples, zipped.
+    """
+    raw = self.raw_dataset(split, shuffle=False, seed=None,
+                           shard_info=shard_info)
+    keep = [k for k in TEXT_FEATURES if k in raw.element_spec]
+    extra = raw.map(lambda ex: {k: ex[k] for k in keep})
+    converted = self.converter(raw, self.lengths)
+    return tf.data.Dataset.zip((converted, extra)).map(
+        lambda a, b: {**a, **b})
+
+
+def _empty_like(batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  out = {}
+  for k, v in batch.items():
+    out[k] = (np.full(v.shape, b"", object) if v.dtype == object
+              else np.zeros_like(v))
+  return out
+
+
+class TextData:
+  """Registers a dataset's text tasks and serves one of them as batches.
+
+  Args:
+    name: prefix of the registered task names (`text_tasks.task_name`).
+    data_dir: prepared dataset with a SentencePiece model.
+    task: which text task ('description_to_title', 'history_to_next_title',
+      'span_corruption').
+    max_input_len, max_target_len: encoder / decoder lengths L and T (EOS
+      included; longer texts are cut).
+    extra_ids: sentinel ids of the vocabulary (must match the model's
+      builder: `builders.t5(extra_ids=...)`).
+    seed: the item split's seed and the train stream's.
+    host_input: 'shard' or 'slice', as `SequenceData`.
+    eval_cache_bytes: evaluation batches kept in host memory after a first
+      full pass (they do not change during a run).
+    **task_options: further `text_tasks.register_text_tasks` arguments
+      (validation_fraction, test_fraction, max_history, train_prefixes,
+      noise_density, mean_noise_span_length, ...).
+  """
+
+  def __init__(self, name: str, data_dir: str, *,
+               task: str = text_tasks.DESCRIPTION_TO_TITLE,
+               max_input_len: int = 64, max_target_len: int = 32,
+               extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS, seed: int = 0,
+               host_input: str = "shard", eval_cache_bytes: int = 1 << 30,
+               **task_options):
+    if host_input not in sequence_data.HOST_INPUTS:
+      raise ValueError(f"TextData.host_input={host_input!r}: expected one of "
+                       f"{sequence_data.HOST_INPUTS}")
+    self.name, self.data_dir, self.task = name, data_dir, task
+    self.max_input_len, self.max_target_len = max_input_len, max_target_len
+    self.extra_ids, self.seed, self.host_input = extra_ids, seed, host_input
+    self.eval_cache_bytes = int(eval_cache_bytes)
+    self._eval_cache: Dict[tuple, List[Dict[str, np.ndarray]]] = {}
+    self._num_examples: Dict[str, int] = {}
+    self.task_name = text_tasks.task_name(name, task)
+    text_tasks.register_text_tasks(
+        name, data_dir, tasks=(task,), max_input_len=max_input_len,
+        max_target_len=max_target_len, extra_ids=extra_ids, seed=seed,
+        **task_options)
+    self._converted = ConvertedTask(
+        seqio.get_mixture_or_task(self.task_name),
+        {"inputs": max_input_len, "targets": max_target_len})
+
+  @property
+  def dataset(self) -> prepared.PreparedDataset:
+    return prepared.PreparedDataset(self.data_dir)
+
+  @functools.cached_property
+  def vocabulary(self) -> seqio.SentencePieceVocabulary:
+    """The tasks' vocabulary (SentencePiece + extra ids), checked to exist."""
+    return text_tasks.dataset_vocabulary(
+        self.data_dir, extra_ids=self.extra_ids,
+        vocab_path=self._converted.config.get("vocab_path"))
+
+  def train_batches(self, start_step: int, local_batch_size: int
+                    ) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's train batches for steps start_step, start_step+1, ..."""
+    features = list(MODEL_FEATURES)
+    nproc = jax.process_count()
+    if self.host_input == "shard" or nproc == 1:
+      return sequence_data.prefetch_in_thread(
+          batching.train_batches(
+              self._converted, local_batch_size, seed=self.seed,
+              shard_info=sequence_data.SequenceData.shard_info(),
+              start_step=start_step, features=features))
+    stream = batching.train_batches(
+        self._converted, local_batch_size * nproc, seed=self.seed,
+        shard_info=None, start_step=start_step, features=features)
+    lo = jax.process_index() * local_batch_size
+    return sequence_data.prefetch_in_thread(
+        {k: v[lo:lo + local_batch_size] for k, v in batch.items()}
+        for batch in stream)
+
+  def num_examples(self, split: str) -> int:
+    """Examples of `split` (all processes together; counted once)."""
+    if split not in self._num_examples:
+      ds = self._converted.raw_dataset(split, shuffle=False, seed=None,
+                                       shard_info=None)
+      self._num_examples[split] = int(
+          ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+    return self._num_examples[split]
+
+  def eval_batches(self, split: str, global_batch_size: int,
+                   extra_features: Sequence[str] = ()
+                   ) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's rows of every eval batch (padded, with `valid`).
+
+    Args:
+      split: 'validation' or 'test' (or 'train').
+      global_batch_size: rows per global batch (divisible by the process
+        count).
+      extra_features: must be among `TEXT_FEATURES`, which every eval batch
+        already holds (accepted for the runs' common call).
+    """
+    unknown = [k for k in extra_features if k not in TEXT_FEATURES]
+    if unknown:
+      raise KeyError(f"text eval batches have no features {unknown}; they "
+                     f"hold {list(MODEL_FEATURES + TEXT_FEATURES)}")
+    nproc = jax.process_count()
+    local = global_batch_size // nproc
+    if local * nproc != global_batch_size or local < 1:
+      raise ValueError(f"eval batch_size={global_batch_size} must be a "
+                       f"positive multiple of the number of processes "
+                       f"({nproc})")
+    key = (split, global_batch_size, jax.process_index(), nproc)
+    if key in self._eval_cache:
+      return iter(self._eval_cache[key])
+    return self._read_and_cache(key, self._eval_stream(split, local))
+
+  def _eval_stream(self, split: str, local: int
+                   ) -> Iterator[Dict[str, np.ndarray]]:
+    shard_info = sequence_data.SequenceData.shard_info()
+    ds = self._converted.eval_dataset(split, shard_info)
+    num_batches = None
+    if shard_info is not None:  # every process runs as many global steps
+      per_shard = -(-self.num_examples(split) // shard_info.num_shards)
+      num_batches = -(-per_shard // local)
+    n, last = 0, None
+    for batch in batching.eval_batches(
+        ds, split, local, features=list(ds.element_spec)):
+      n, last = n + 1, batch
+      yield batch
+    if num_batches is not None and n < num_batches:
+      if last is None:
+        raise ValueError(f"text task {self.task_name!r} split {split!r} has "
+                         f"no example on process {jax.process_index()}")
+      for _ in range(num_batches - n):
+        yield _empty_like(last)
+
+  def _read_and_cache(self, key, batches) -> Iterator[Dict[str, np.ndarray]]:
+    """Yields `batches`; a complete pass within the byte budget is kept."""
+    kept, size = [], 0
+    for batch in batches:
+      if kept is not None:
+        size += sum(np.asarray(v).nbytes for v in batch.values())
+        if size <= self.eval_cache_bytes:
+          kept.append(batch)
+        else:
+          kept = None
+      yield batch
+    if kept is not None:
+      self._eval_cache[key] = kept
