@@ -17,8 +17,8 @@ share a batch; short batches then cost a fraction of the FLOPs.
 import dataclasses
 import json
 import os
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Tuple)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
+                    Optional, Sequence, Tuple)
 
 import jax
 import jax.numpy as jnp
@@ -297,12 +297,21 @@ class RankingEvaluation:
                      ) -> List[str]:
     ks = self.config.ks
     keys = ([f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"])
-    lines = []
-    for split, res in results.items():
-      vals = " ".join(f"{k}={res[k]:.4f}" for k in keys if k in res)
-      lines.append(f"[eval step {step}] {split} ({res.get('protocol')}, "
-                   f"{res.get('num_users')} users): {vals}")
-    return lines
+    return result_lines(
+        step, results, keys,
+        lambda res: f"{res.get('protocol')}, {res.get('num_users')} users")
+
+
+def result_lines(step: int, results: Mapping[str, Mapping[str, Any]],
+                 keys: Sequence[str], describe: Callable[[Mapping], str]
+                 ) -> List[str]:
+  """One log line per split: `[eval step S] split (describe(res)): k=v ...`
+  with the `keys` its results have."""
+  lines = []
+  for split, res in results.items():
+    vals = " ".join(f"{k}={res[k]:.4f}" for k in keys if k in res)
+    lines.append(f"[eval step {step}] {split} ({describe(res)}): {vals}")
+  return lines
 
 
 def as_evaluation(evaluation):

@@ -24,6 +24,7 @@ import numpy as np
 
 from recsys_jax.core import distributed
 from recsys_jax.core import partitioning
+from recsys_jax.evaluation import evaluator
 from recsys_jax.evaluation import text_metrics
 
 TARGETS_PRETOKENIZED = "targets_pretokenized"
@@ -258,9 +259,5 @@ def format_results(step: int, results: Mapping[str, Mapping[str, Any]]
   """One line per split, e.g. for the run's log."""
   keys = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match",
           "embedding_cosine", "loss", "token_accuracy", "perplexity")
-  lines = []
-  for split, res in results.items():
-    vals = " ".join(f"{k}={res[k]:.4f}" for k in keys if k in res)
-    lines.append(f"[eval step {step}] {split} ({res.get('num_examples')} "
-                 f"examples): {vals}")
-  return lines
+  return evaluator.result_lines(
+      step, results, keys, lambda res: f"{res.get('num_examples')} examples")

@@ -22,7 +22,7 @@ evaluations skip the input pipeline.
 import functools
 import queue
 import threading
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -55,7 +55,7 @@ class SequenceData:
     self.name, self.data_dir, self.max_len = name, data_dir, max_len
     self.packing, self.seed, self.host_input = packing, seed, host_input
     self.eval_cache_bytes = int(eval_cache_bytes)
-    self._eval_cache: Dict[tuple, list] = {}
+    self._eval_cache = EvalBatchCache(eval_cache_bytes)
     sequence_tasks.register_sequence_tasks(
         name, data_dir, max_len=max_len, mask_prob=mask_prob,
         max_predictions=max_predictions,
@@ -113,25 +113,9 @@ class SequenceData:
         f for f in extra_features if f not in EVAL_FEATURES]
     key = (split, global_batch_size, jax.process_index(), jax.process_count(),
            tuple(features))
-    if key in self._eval_cache:
-      return iter(self._eval_cache[key])
-    return self._read_and_cache(key, batching.eval_batches(
+    return self._eval_cache.batches(key, lambda: batching.eval_batches(
         self.name, split, local, shard_info=self.shard_info(),
         features=features))
-
-  def _read_and_cache(self, key, batches) -> Iterator[Dict[str, np.ndarray]]:
-    """Yields `batches`; a complete pass within the byte budget is kept."""
-    kept, size = [], 0
-    for batch in batches:
-      if kept is not None:
-        size += sum(np.asarray(v).nbytes for v in batch.values())
-        if size <= self.eval_cache_bytes:
-          kept.append(batch)
-        else:
-          kept = None
-      yield batch
-    if kept is not None:
-      self._eval_cache[key] = kept
 
   def train_item_counts(self) -> np.ndarray:
     """[N] interaction counts in the train split (all but the last two)."""
@@ -139,6 +123,39 @@ class SequenceData:
 
 
 _END = object()
+
+
+class EvalBatchCache:
+  """Evaluation batches kept in host memory after a first complete pass.
+
+  Evaluation batches do not change during a run, so periodic evaluations
+  can skip the input pipeline; a pass is kept only if it completes within
+  `budget_bytes` (all splits and batch sizes together count separately).
+  """
+
+  def __init__(self, budget_bytes: int):
+    self.budget_bytes = int(budget_bytes)
+    self._kept: Dict[tuple, list] = {}
+
+  def batches(self, key: tuple, read: Callable[[], Iterator[Dict[str, Any]]]
+              ) -> Iterator[Dict[str, Any]]:
+    """The kept batches of `key`, else `read()`'s, kept if the pass fits."""
+    if key in self._kept:
+      return iter(self._kept[key])
+    return self._read_and_keep(key, read())
+
+  def _read_and_keep(self, key, batches) -> Iterator[Dict[str, Any]]:
+    kept, size = [], 0
+    for batch in batches:
+      if kept is not None:
+        size += sum(np.asarray(v).nbytes for v in batch.values())
+        if size <= self.budget_bytes:
+          kept.append(batch)
+        else:
+          kept = None
+      yield batch
+    if kept is not None:
+      self._kept[key] = kept
 
 
 def prefetch_in_thread(iterator: Iterator, size: int = 16) -> Iterator:

@@ -17,7 +17,7 @@ keeps the numeric features a jitted model function takes.
 """
 
 import functools
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -139,7 +139,7 @@ class TextData:
     self.max_input_len, self.max_target_len = max_input_len, max_target_len
     self.extra_ids, self.seed, self.host_input = extra_ids, seed, host_input
     self.eval_cache_bytes = int(eval_cache_bytes)
-    self._eval_cache: Dict[tuple, List[Dict[str, np.ndarray]]] = {}
+    self._eval_cache = sequence_data.EvalBatchCache(eval_cache_bytes)
     self._num_examples: Dict[str, int] = {}
     self.task_name = text_tasks.task_name(name, task)
     text_tasks.register_text_tasks(
@@ -212,9 +212,8 @@ class TextData:
                        f"positive multiple of the number of processes "
                        f"({nproc})")
     key = (split, global_batch_size, jax.process_index(), nproc)
-    if key in self._eval_cache:
-      return iter(self._eval_cache[key])
-    return self._read_and_cache(key, self._eval_stream(split, local))
+    return self._eval_cache.batches(
+        key, lambda: self._eval_stream(split, local))
 
   def _eval_stream(self, split: str, local: int
                    ) -> Iterator[Dict[str, np.ndarray]]:
@@ -235,17 +234,3 @@ class TextData:
                          f"no example on process {jax.process_index()}")
       for _ in range(num_batches - n):
         yield _empty_like(last)
-
-  def _read_and_cache(self, key, batches) -> Iterator[Dict[str, np.ndarray]]:
-    """Yields `batches`; a complete pass within the byte budget is kept."""
-    kept, size = [], 0
-    for batch in batches:
-      if kept is not None:
-        size += sum(np.asarray(v).nbytes for v in batch.values())
-        if size <= self.eval_cache_bytes:
-          kept.append(batch)
-        else:
-          kept = None
-      yield batch
-    if kept is not None:
-      self._eval_cache[key] = kept
