@@ -28,7 +28,9 @@ PADDED_VOCAB = 640
 _SCRIPT = r'''
 import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
-from recsys_jax.evaluation import evaluator as evaluation, model_lib, partitioning, trainer
+from recsys_jax.core import partitioning, trainer
+from recsys_jax.evaluation import evaluator as evaluation
+from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.models import bert4rec as b4
 
 out_dir = sys.argv[1]
