@@ -218,6 +218,23 @@ def test_num_microbatches_default_override_and_error(tiny_data, tmp_path):
     _build_run_arguments(runs.train)
 
 
+def test_init_from_and_frozen_from_flags_alone(tiny_data, tmp_path):
+  """The README's command: nothing in a gin file binds InitFrom's path."""
+  from recsys_jax.core import init_from  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin_utils.parse_gin(
+      ["runs/train.gin", "quickstart.gin"],
+      [f"DATA_DIR = '{tiny_data}'", f"MODEL_DIR = '{tmp_path}'",
+       "TRAIN_STEPS = 3", f"TASK_NAME = '{TEST_TASK}'",
+       "trainer.OptimizerConfig.frozen = ('item_embed/.*',)",
+       "runs.train.init_from = @init_from.InitFrom()",
+       "init_from.InitFrom.path = 'runs/quickstart/export'"])
+  args = _build_run_arguments(runs.train)
+  assert args["init_from"] == init_from.InitFrom(path="runs/quickstart/export")
+  assert args["optimizer"].frozen == ("item_embed/.*",)
+  gin.clear_config()
+
+
 def test_missing_macro_is_named_in_process():
   with pytest.raises(ValueError) as err:
     gin_utils.parse_gin(["runs/train.gin", "models/bert4rec.gin",
