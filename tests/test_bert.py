@@ -13,6 +13,7 @@ from recsys_jax.text import vocab as text_vocab
 from recsys_jax.checkpoint_import import bert as bert_import
 from recsys_jax.checkpoint_import import common
 from recsys_jax.models import bert
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -213,10 +214,7 @@ def test_orbax_export_roundtrip_and_old_layout_is_named(tiny_hf, tmp_path):
   out = bert_import.save_as_orbax(params, config, str(tmp_path / "new"))
   config2, params2 = bert_import.load_orbax(out)
   assert config2 == config
-  flat, flat2 = common.flatten_tree(params), common.flatten_tree(params2)
-  assert flat.keys() == flat2.keys()
-  for k in flat:
-    np.testing.assert_array_equal(np.asarray(flat2[k]), flat[k], err_msg=k)
+  helpers.assert_trees_equal(params2, params, "orbax round trip")
   # The layout before the shared attention (projections directly under
   # layer_i, output named attention_output) is refused by name.
   old = {k: v for k, v in params.items() if not k.startswith("layer_")}

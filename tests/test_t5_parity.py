@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers",
 from recsys_jax.checkpoint_import import common  # pylint: disable=g-import-not-at-top
 from recsys_jax.checkpoint_import import t5 as t5_import
 from recsys_jax.checkpoint_import.common import CheckpointImportError
+from tests import helpers
 from recsys_jax.models import t5
 from recsys_jax.models import t5_layers
 from recsys_jax.text import generation
@@ -280,9 +281,6 @@ def test_cli_and_orbax_roundtrip(v1_1_dir, tmp_path):
   config, params = t5_import.load_orbax(out)
   ref_config, ref_params = t5_import.load_hf_t5(v1_1_dir)
   assert config == ref_config
-  flat, ref = common.flatten_tree(params), common.flatten_tree(ref_params)
-  assert flat.keys() == ref.keys()
-  for k in ref:
-    np.testing.assert_array_equal(np.asarray(flat[k]), ref[k], err_msg=k)
+  helpers.assert_trees_equal(params, ref_params, "orbax round trip")
   assert t5_import.main([f"--hf_dir={tmp_path}/nope",
                          f"--output_dir={out}"]) == 1

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import (Any, Callable, Dict, Iterable, Mapping, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -225,6 +226,12 @@ def _listing(title: str, items: Sequence[str]) -> str:
   return f"{title} ({len(items)}): {shown}{more}"
 
 
+def _listings(*named: Tuple[str, Sequence[str]]) -> str:
+  """'; '-joined `_listing`s of the (what, names) pairs with names ('' if
+  none has any)."""
+  return "; ".join(_listing(what, names) for what, names in named if names)
+
+
 def assign_params(state_dict: Mapping[str, np.ndarray], target: Any,
                   mapping: Mapping[str, Any], *,
                   ignore: Iterable[str] = (), source: str = "checkpoint"
@@ -276,15 +283,11 @@ def assign_params(state_dict: Mapping[str, np.ndarray], target: Any,
   unexpected = sorted(
       k for k in state_dict
       if k not in used and not any(r.fullmatch(k) for r in ignore_res))
-  problems = []
-  if missing:
-    problems.append(_listing("missing keys", missing))
-  if unexpected:
-    problems.append(_listing("unexpected keys", unexpected))
-  if mismatched:
-    problems.append(_listing("shape mismatches", mismatched))
+  problems = _listings(("missing keys", missing),
+                       ("unexpected keys", unexpected),
+                       ("shape mismatches", mismatched))
   if problems:
-    raise CheckpointImportError(f"{source}: " + "; ".join(problems))
+    raise CheckpointImportError(f"{source}: {problems}")
   return unflatten_tree(out)
 
 
@@ -302,17 +305,13 @@ def check_tree(params: Mapping[str, Any], target: Any, *, source: str,
   mismatched = [f"{k}: {tuple(np.shape(got[k]))}, expected "
                 f"{tuple(want[k].shape)}" for k in sorted(set(got) & set(want))
                 if tuple(np.shape(got[k])) != tuple(want[k].shape)]
-  problems = []
-  if missing:
-    problems.append(_listing("missing parameters", missing))
-  if unexpected:
-    problems.append(_listing("unexpected parameters", unexpected))
-  if mismatched:
-    problems.append(_listing("shape mismatches", mismatched))
+  problems = _listings(("missing parameters", missing),
+                       ("unexpected parameters", unexpected),
+                       ("shape mismatches", mismatched))
   if problems:
     raise CheckpointImportError(
         f"{source}: the parameters do not fit the model (" +
-        "; ".join(problems) + "); if they were written by an older version, "
+        problems + "); if they were written by an older version, "
         f"rewrite them: {rewrite}")
 
 
