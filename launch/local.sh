@@ -15,7 +15,7 @@ Usage: launch/local.sh [options] [-- ARGS...]
 Runs `python -m recsys_jax.<mode> ARGS...` from the repository root.
 
 Options:
-  --mode=MODE         train (default), eval, export, or quickstart:
+  --mode=MODE         train (default), eval, export, predict, or quickstart:
                         prepare the synthetic default into data/synthetic
                         (skipped when data/synthetic/stats.json exists), train
                         with gin/quickstart.gin into runs/quickstart, evaluate,
@@ -85,8 +85,8 @@ while (($#)); do
 done
 
 case "$mode" in
-  train|eval|export|quickstart) ;;
-  *) launch_die "--mode must be one of train, eval, export, quickstart; got '$mode'" ;;
+  train|eval|export|predict|quickstart) ;;
+  *) launch_die "--mode must be one of train, eval, export, predict, quickstart; got '$mode'" ;;
 esac
 [[ -z "$devices" ]] || launch_require_int --devices "$devices"
 if ((pin_cores)) && [[ -z "$num_processes" ]]; then

@@ -137,6 +137,15 @@ def test_local_default_python_is_project_venv():
                                    "--gin.CHECKPOINT_STEP=5"]
 
 
+def test_local_predict_mode_runs_the_predict_entry_point():
+  lines = _lines(_run(LOCAL, "--dry_run", "--python=py", "--mode=predict",
+                      "--", "--gin_file=gin/quickstart.gin",
+                      "--gin.MODEL_DIR='runs/quickstart'"))
+  assert shlex.split(lines[-1]) == ["py", "-m", "recsys_jax.predict",
+                                    "--gin_file=gin/quickstart.gin",
+                                    "--gin.MODEL_DIR='runs/quickstart'"]
+
+
 def test_local_devices_sets_emulation_env():
   env = _env(XLA_FLAGS="--xla_dump_to=/tmp/x")
   lines = _lines(_run(LOCAL, "--dry_run", "--python=py", "--devices=8",
