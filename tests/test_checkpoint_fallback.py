@@ -72,7 +72,12 @@ def _train(model_dir, steps, keep=2):
 def truncate_largest_data_file(directory: str, keys: str = "") -> str:
   """Cuts the largest data file (`**/d/*`) under `directory` to half its
   size; returns its path. With `keys` (e.g. 'params.'), the largest whose
-  cut damages an array with such a key (`directory` is then a step's)."""
+  cut damages an array with such a key (`directory` is then a step's).
+
+  Orbax decides per save which file holds which arrays and b-tree nodes;
+  where the cut file also holds the index node above the arrays, the check
+  stops there and names the node ("a b-tree node needs N"), not the arrays.
+  """
   files = [f for f in glob.glob(os.path.join(directory, "**", "d", "*"),
                                 recursive=True) if os.path.isfile(f)]
   assert files, f"no data files under {directory}"
@@ -103,7 +108,8 @@ def test_resume_falls_back_and_sets_the_unreadable_checkpoint_aside(
     tmp_path, reference_run, capsys):
   _train(tmp_path, 4)
   assert helpers.checkpoint_steps(tmp_path) == [2, 4]
-  damaged = truncate_largest_data_file(str(tmp_path / "checkpoint_4"))
+  damaged = truncate_largest_data_file(str(tmp_path / "checkpoint_4"),
+                                       "params.")
   damaged_size = os.path.getsize(damaged)
   capsys.readouterr()
   state = _train(tmp_path, 8)
@@ -114,9 +120,10 @@ def test_resume_falls_back_and_sets_the_unreadable_checkpoint_aside(
   assert re.fullmatch(
       rf"Warning: checkpoint_4 in {re.escape(str(tmp_path))} cannot be "
       rf"read: {re.escape(damaged)} is truncated to {damaged_size} bytes "
-      # The largest data file holds parameters or Adam moments, depending
-      # on how orbax grouped this save's arrays; the message names them.
-      r"\((?:params|opt_state)\.[\w.]+.* needs? \d+\)\. Resuming from the "
+      # The cut file holds parameters, Adam moments or the index node above
+      # them, depending on how orbax grouped this save; the message names it.
+      r"\((?:params\.|opt_state\.|a b-tree node)[\w. ]*.* needs? \d+\)\. "
+      r"Resuming from the "
       r"older checkpoint_2 "
       rf"instead; the unreadable checkpoint is kept as "
       rf"{re.escape(str(tmp_path))}/unreadable_checkpoint_4 \(not "
@@ -161,7 +168,8 @@ def test_eval_of_an_unreadable_step_names_step_and_file(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"checkpoint_4 in {tmp_path} cannot be read: "
                           f"{damaged} is truncated to "), msg
-    assert "params.w" in msg and "\n" not in msg, msg
+    assert re.search(r"\((params\.w|a b-tree node) needs? \d+\)", msg), msg
+    assert "\n" not in msg, msg
   # The older checkpoint is read as usual; nothing was moved or deleted.
   params, step = restore.restore_params(model, str(tmp_path), mesh, rules, 2)
   assert step == 2 and params["w"].shape == (_FEATURES,)
