@@ -11,7 +11,7 @@ get_dataset time with the command that prepares it. See docs/TASKS.md.
 """
 
 import os
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence
 
 import seqio
 import tensorflow as tf
@@ -93,6 +93,7 @@ def register_sequence_tasks(
     packing: bool = False,
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
     prepare_hint: Optional[str] = None,
+    cold_items: Sequence[int] = (),
 ) -> List[str]:
   """Registers (replacing) the Bert4Rec task `name` over `data_dir`.
 
@@ -116,6 +117,10 @@ def register_sequence_tasks(
     packing: pack several users per train row (segment_ids, positions).
     shuffle_buffer_size: post-preprocessing shuffle buffer.
     prepare_hint: command printed when data_dir is missing.
+    cold_items: item ids removed from every 'train' history before it is
+      cut (`preprocessors.remove_train_items`; rows left empty are dropped);
+      'validation' and 'test' are unchanged. The cold-item protocol:
+      `input_pipeline/cold_items.py` picks them.
 
   Returns:
     The registered task names.
@@ -130,8 +135,14 @@ def register_sequence_tasks(
                 last_item_mask_prob=last_item_mask_prob,
                 random_replace=random_replace,
                 sliding_window_stride=sliding_window_stride,
-                train_prefixes=train_prefixes, seed=seed, packing=packing)
-  steps = [
+                train_prefixes=train_prefixes, seed=seed, packing=packing,
+                num_cold_items=len(cold_items))
+  steps = []
+  if len(cold_items):
+    steps.append(seqio.utils.add_kwargs_to_transform(
+        preprocessors.remove_train_items,
+        items=tuple(int(i) for i in cold_items)))
+  steps += [
       seqio.utils.add_kwargs_to_transform(
           preprocessors.truncate_or_window, max_len=max_len,
           sliding_window_stride=sliding_window_stride,

@@ -286,7 +286,8 @@ def _assert_results(got, want):
 def _evaluator(num_items, **cfg_kwargs):
   return evaluator.Evaluator(
       _ConstantModel(num_items), partitioning.make_mesh(1),
-      partitioning.DATA_PARALLEL_RULES, evaluator.EvalConfig(**cfg_kwargs))
+      partitioning.DATA_PARALLEL_RULES,
+      evaluator.EvalConfig(**{"frequency_buckets": (), **cfg_kwargs}))
 
 
 @pytest.mark.parametrize("length_buckets", [False, True])

@@ -12,6 +12,12 @@ the Evaluator regroups each window of batches by history length and cuts
 every batch to its longest row (rounded up to a multiple of 8): attention
 ignores padding, so every user's scores are unchanged, only which users
 share a batch; short batches then cost a fraction of the FLOPs.
+
+With `item_counts` (the train split's interaction counts) the metrics are
+also reported per bucket of the TARGET item's training count
+(`EvalConfig.frequency_buckets`, result key `by_frequency`), for the model
+and the popularity baseline alike: how well cold and rare targets are
+ranked, which the overall numbers (dominated by popular items) hide.
 """
 
 import dataclasses
@@ -52,6 +58,10 @@ class EvalConfig:
       number of compiled shapes to L / bucket_multiple).
     bucket_window: batches regrouped together (bounds host memory: the rows
       of this many batches are held at once).
+    frequency_buckets: increasing boundaries b0 < b1 < ... (b0 >= 1) of the
+      target item's train count: buckets [0, b0), [b0, b1), ..., [bK, inf),
+      labelled "0", "1-4", "5-19", "20+" for (1, 5, 20) (`frequency_labels`);
+      empty: no per-bucket metrics.
   """
   ks: Sequence[int] = (1, 5, 10, 20)
   batch_size: int = 256
@@ -65,6 +75,7 @@ class EvalConfig:
   length_buckets: bool = True
   bucket_multiple: int = 8
   bucket_window: int = 64
+  frequency_buckets: Sequence[int] = (1, 5, 20)
 
   def __post_init__(self):
     if self.protocol not in ("full", "sampled"):
@@ -74,6 +85,58 @@ class EvalConfig:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: "
                          "expected a positive integer")
+    bounds = list(self.frequency_buckets)
+    if any(int(b) != b for b in bounds) or any(
+        b < 1 for b in bounds) or any(
+            x >= y for x, y in zip(bounds, bounds[1:])):
+      raise ValueError(
+          f"EvalConfig.frequency_buckets={tuple(bounds)!r}: expected "
+          "strictly increasing integers >= 1 (e.g. (1, 5, 20)), or () to "
+          "disable per-frequency metrics")
+
+
+def frequency_labels(boundaries: Sequence[int]) -> List[str]:
+  """Labels of the buckets [0, b0), [b0, b1), ..., [bK, inf) of a count.
+
+  [a, a + 1) is labelled "a", [a, b) "a-(b-1)", the last "bK+"; e.g.
+  (1, 5, 20) -> ["0", "1-4", "5-19", "20+"]; () -> [] (no buckets).
+  """
+  bounds = [int(b) for b in boundaries]
+  if not bounds:
+    return []
+  labels = []
+  for lo, hi in zip([0] + bounds[:-1], bounds):
+    labels.append(str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}")
+  labels.append(f"{bounds[-1]}+")
+  return labels
+
+
+def frequency_bucket(counts: np.ndarray, boundaries: Sequence[int]
+                     ) -> np.ndarray:
+  """Bucket index (0..len(boundaries)) of each count; see frequency_labels."""
+  return np.searchsorted(np.asarray(boundaries, np.int64),
+                         np.asarray(counts, np.int64), side="right")
+
+
+def target_counts(target_ids: np.ndarray, item_counts: np.ndarray
+                  ) -> np.ndarray:
+  """Train count of each target id in 1..N (0 for padding rows' id 0)."""
+  counts = np.asarray(item_counts).reshape(-1)
+  ids = np.asarray(target_ids, np.int64)
+  safe = np.clip(ids, 1, len(counts)) - 1
+  return np.where((ids >= 1) & (ids <= len(counts)), counts[safe], 0)
+
+
+def bucket_results(accs: Sequence[metrics.RankingMetrics],
+                   boundaries: Sequence[int]) -> Dict[str, Dict[str, Any]]:
+  """{label: {metrics..., 'num_users'}}; an empty bucket has only
+  num_users 0 (no NaN means)."""
+  out = {}
+  for label, acc in zip(frequency_labels(boundaries), accs):
+    res = acc.result() if acc.num_users else {"num_users": 0}
+    res.pop("protocol", None)
+    out[label] = res
+  return out
 
 
 def protocol_name(cfg: EvalConfig) -> str:
@@ -184,14 +247,21 @@ def target_ranks(scores: jax.Array, batch: Mapping[str, jax.Array],
     scores: [B, N] scores, column j = item j + 1.
     batch: `targets` [B, L] (one held-out item per row, 0 in padding rows:
       ranked as item 1, and dropped by the caller's `valid`) and `item_ids`
-      [B, L] (the history excluded when `cfg.exclude_history`).
+      [B, L] (the history excluded when `cfg.exclude_history`). With
+      `exclude_ids` [B, M] (0 = none) those ids are excluded instead of
+      `item_ids` (e.g. the original history when `item_ids` were edited).
+      `length_bucketed` cuts every feature whose first two dims equal
+      `item_ids`': `exclude_ids` must not have that shape (use M != L, e.g.
+      L + 1 with a 0 column) or `length_buckets` must be off.
     negatives: [B, M] item ids (sampled protocol; ignored otherwise).
     cfg: the protocol.
   """
   safe = jnp.maximum(jnp.max(batch["targets"], axis=1), 1)
   if cfg.protocol == "sampled":
     return ranking.sampled_target_rank(scores, safe, negatives)
-  exclude = batch["item_ids"] if cfg.exclude_history else None
+  exclude = None
+  if cfg.exclude_history:
+    exclude = batch.get("exclude_ids", batch["item_ids"])
   return ranking.target_rank(scores, safe, exclude)
 
 
@@ -219,12 +289,23 @@ class Evaluator:
     Args:
       params: model parameters (global arrays).
       batches: this process's eval batches, each with a float `valid` mask.
-      item_counts: [N] training counts (popularity-sampled negatives).
+      item_counts: [N] training counts (popularity-sampled negatives, and
+        the target-frequency buckets of `cfg.frequency_buckets`).
       score_override: if given, `[N]` scores used for every user instead of
         the model (the popularity baseline through the same path).
+
+    Returns:
+      `RankingMetrics.result()`; with `item_counts` and frequency buckets
+      also 'by_frequency' ({label: {metrics..., 'num_users'}}, see
+      `bucket_results`) and 'frequency_buckets' (the boundaries).
     """
     cfg = self.cfg
     acc = metrics.RankingMetrics(tuple(cfg.ks), protocol_name(cfg))
+    bounds = [int(b) for b in cfg.frequency_buckets]
+    by_freq = []
+    if item_counts is not None and bounds:
+      by_freq = [metrics.RankingMetrics(tuple(cfg.ks), protocol_name(cfg))
+                 for _ in range(len(bounds) + 1)]
     gen = np.random.default_rng(cfg.seed + jax.process_index())
     rank_fn = self._rank
     if score_override is not None:
@@ -263,8 +344,18 @@ class Evaluator:
           ranks = compiled[shape](params, global_batch, negs)
         else:
           ranks = rank_fn(params, global_batch, negs)
-      acc.add(partitioning.process_local_rows(ranks), valid=valid)
-    return acc.merge_across_processes().result()
+      local_ranks = partitioning.process_local_rows(ranks)
+      acc.add(local_ranks, valid=valid)
+      if by_freq:
+        bucket = frequency_bucket(target_counts(targets, item_counts), bounds)
+        for b, bucket_acc in enumerate(by_freq):
+          bucket_acc.add(local_ranks, valid=valid & (bucket == b))
+    merged = metrics.merge_all_across_processes([acc] + by_freq)
+    result = merged[0].result()
+    if by_freq:
+      result["by_frequency"] = bucket_results(merged[1:], bounds)
+      result["frequency_buckets"] = bounds
+    return result
 
 
 class RankingEvaluation:
@@ -295,11 +386,21 @@ class RankingEvaluation:
 
   def format_results(self, step: int, results: Mapping[str, Any]
                      ) -> List[str]:
+    """One line per split, then (model splits only, not `*_popularity`)
+    one per target-frequency bucket."""
     ks = self.config.ks
     keys = ([f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"])
-    return result_lines(
+    lines = result_lines(
         step, results, keys,
         lambda res: f"{res.get('protocol')}, {res.get('num_users')} users")
+    for split, res in results.items():
+      if split.endswith("_popularity") or not isinstance(res, Mapping):
+        continue
+      lines += result_lines(
+          step, {f"{split} by frequency {label}": bucket
+                 for label, bucket in res.get("by_frequency", {}).items()},
+          keys, lambda b: f"{b.get('num_users')} users")
+    return lines
 
 
 def result_lines(step: int, results: Mapping[str, Mapping[str, Any]],
@@ -310,7 +411,8 @@ def result_lines(step: int, results: Mapping[str, Mapping[str, Any]],
   lines = []
   for split, res in results.items():
     vals = " ".join(f"{k}={res[k]:.4f}" for k in keys if k in res)
-    lines.append(f"[eval step {step}] {split} ({describe(res)}): {vals}")
+    lines.append(
+        f"[eval step {step}] {split} ({describe(res)}): {vals}".rstrip())
   return lines
 
 
@@ -335,11 +437,17 @@ def write_results(model_dir: str, step: int, results: Dict[str, Any],
   """Writes `MODEL_DIR/eval/<name>_step<step>.json` (process 0) and TB."""
   if writer is not None:
     flat = {}
+
+    def add(prefix, res):
+      for k, v in res.items():
+        if isinstance(v, dict):  # e.g. by_frequency/<label>/HR@10
+          add(f"{prefix}/{k}", v)
+        elif (isinstance(v, (int, float)) and not isinstance(v, bool)
+              and k != "num_users"):
+          flat[f"{prefix}/{k}"] = v
     for split, res in results.items():
       if isinstance(res, dict):
-        for k, v in res.items():
-          if isinstance(v, (int, float)) and k != "num_users":
-            flat[f"{name}/{split}/{k}"] = v
+        add(f"{name}/{split}", res)
     writer.write_scalars(step, flat)
   if jax.process_index() != 0:
     return None

@@ -16,7 +16,7 @@ docs/EVALUATION.md.
 """
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -178,6 +178,30 @@ class RankingMetrics:
     out["num_users"] = self.num_users
     out["protocol"] = self.protocol
     return out
+
+
+def merge_all_across_processes(accs: Sequence[RankingMetrics]
+                               ) -> List[RankingMetrics]:
+  """`merge_across_processes` of several accumulators in one collective.
+
+  E.g. an evaluation's total and its per-bucket accumulators; every process
+  must pass the same number of accumulators with the same ks and protocols.
+  """
+  accs = list(accs)
+  if jax.process_count() == 1 or not accs:
+    return accs
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  vectors = [a.to_numpy() for a in accs]
+  bits = np.concatenate(vectors).view(np.uint32)
+  gathered = np.asarray(multihost_utils.process_allgather(bits))
+  total = sum_bit_vectors(gathered)
+  out, start = [], 0
+  for acc, vec in zip(accs, vectors):
+    part = total[start:start + len(vec)]
+    start += len(vec)
+    out.append(RankingMetrics.from_numpy(part, acc.ks, acc.protocol))
+  return out
 
 
 def sum_bit_vectors(gathered_u32: np.ndarray) -> np.ndarray:

@@ -6,12 +6,13 @@ dataset.
 """
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from recsys_jax.input_pipeline import sequence_data as input_pipeline
 from recsys_jax.model_lib import encoder_decoder
+from recsys_jax.model_lib import flare as flare_model
 from recsys_jax.model_lib import sequence as model_lib
 from recsys_jax.data import prepared
 from recsys_jax.models import bert4rec as bert4rec_lib
@@ -115,3 +116,68 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
       soft_token_inputs=soft_token_inputs, soft_token_mode=soft_token_mode,
       slot_id=slot_id, label_smoothing=label_smoothing, z_loss=z_loss,
       max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha)
+
+
+def flare(*, data_dir: str, item_text_cache: str,
+          critique_text_cache: Optional[str] = None,
+          ood_categories: Sequence[str] = (), max_len: int = 50,
+          hidden: int = 64, num_layers: int = 2, num_heads: int = 2,
+          mlp_dim: int = 256, dropout_rate: float = 0.2,
+          attention_dropout_rate: float = 0.2,
+          mask_prob: Optional[float] = None,
+          max_predictions: Optional[int] = None, dtype: str = "float32",
+          positions_from_end: bool = False, causal: bool = False,
+          output_transform: bool = True, num_latents: int = 4,
+          perceiver_layers: int = 1, perceiver_heads: int = 2,
+          perceiver_mlp_dim: int = 128, perceiver_dropout_rate: float = 0.1,
+          fusion: str = "sum", output_table: str = "id",
+          eval_table: Optional[str] = None, infonce_weight: float = 0.1,
+          infonce_temperature: float = 0.1,
+          data_critique_rate: float = 0.5, proxy_critique_rate: float = 0.25,
+          max_distinct_items: Optional[int] = None,
+          max_critiques_per_row: Optional[int] = None,
+          loss_chunk_rows: Optional[int] = model_lib.DEFAULT_LOSS_CHUNK_ROWS
+          ) -> "flare_model.FlareModel":
+  """A FLARE wrapper (model_lib/flare.py) sized for the dataset at `data_dir`.
+
+  The backbone arguments are `bert4rec`'s; the Perceiver's width is the
+  backbone's `hidden`. See `FlareModel` for the rest.
+
+  Args:
+    item_text_cache: `embed_items --texts=items` cache of this dataset.
+    critique_text_cache: `embed_items --texts=critiques` cache (same
+      encoder), or None: no critiques.
+    ood_categories: category names never used as training critiques.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from recsys_jax.model_lib import flare_tables  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import flare as flare_lib  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import perceiver  # pylint: disable=g-import-not-at-top
+  num_items = prepared.PreparedDataset(data_dir).num_items
+  backbone = bert4rec_lib.Bert4RecConfig(
+      num_items=num_items, max_len=max_len, hidden=hidden,
+      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+      dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate,
+      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end,
+      causal=causal, output_transform=output_transform)
+  tables, ood_ids = flare_tables.load_text_tables(
+      data_dir, item_text_cache, critique_text_cache, backbone.padded_vocab,
+      ood_categories)
+  config = flare_lib.FlareConfig(
+      backbone=backbone,
+      perceiver=perceiver.PerceiverConfig(
+          num_latents=num_latents, num_layers=perceiver_layers, width=hidden,
+          num_heads=perceiver_heads, mlp_dim=perceiver_mlp_dim,
+          dropout_rate=perceiver_dropout_rate),
+      text_dim=tables.text_dim, fusion=fusion)
+  if max_predictions is None and mask_prob is not None and not causal:
+    max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
+  return flare_model.FlareModel(
+      config, tables, output_table=output_table, eval_table=eval_table,
+      infonce_weight=infonce_weight, infonce_temperature=infonce_temperature,
+      data_critique_rate=data_critique_rate,
+      proxy_critique_rate=proxy_critique_rate, ood_critique_ids=ood_ids,
+      max_distinct_items=max_distinct_items,
+      max_critiques_per_row=max_critiques_per_row,
+      max_predictions=max_predictions, loss_chunk_rows=loss_chunk_rows)

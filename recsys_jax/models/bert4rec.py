@@ -167,6 +167,7 @@ class Bert4Rec(nn.Module):
 
   def __call__(self, item_ids: Array, *, segment_ids: Optional[Array] = None,
                positions: Optional[Array] = None,
+               item_inputs: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """Hidden states `[B, L, E]` of `item_ids` `[B, L]`.
 
@@ -177,6 +178,10 @@ class Bert4Rec(nn.Module):
       positions: optional `[B, L]` positions inside each segment; default
         0..L-1 per row. Ignored with `config.positions_from_end` (computed
         from `item_ids` / `segment_ids`).
+      item_inputs: optional `[B, L, E]` item representations used instead of
+        `item_embed(item_ids)` (a fusion model's ID + text inputs, e.g.
+        models/flare.py); `item_ids` still give the attention mask and
+        positions.
       deterministic: False applies dropout (needs a 'dropout' rng).
     """
     cfg = self.config
@@ -188,7 +193,12 @@ class Bert4Rec(nn.Module):
       positions = positions_from_end(item_ids, segment_ids)
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
-    x = self.item_embed(item_ids) + self.position_embed(positions)
+    if item_inputs is None:
+      item_inputs = self.item_embed(item_ids)
+    elif item_inputs.shape != (batch, length, cfg.hidden):
+      raise ValueError(f"item_inputs shape {item_inputs.shape}; expected "
+                       f"{(batch, length, cfg.hidden)}")
+    x = item_inputs.astype(cfg.compute_dtype) + self.position_embed(positions)
     x = self.embed_norm(x)
     x = self.embed_dropout(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, layers.BLOCK_AXES)

@@ -115,7 +115,9 @@ def examples_per_epoch(task, split: str = "train", sequence_length=None,
   """
   config = getattr(task, "config", None)
   source = getattr(task, "source", None)
+  # Cold items shrink (or drop) train rows: count by running the task.
   if (config and not config.get("packing")
+      and not config.get("num_cold_items")
       and isinstance(source, sources.PreparedSequenceSource)):
     ds = source.get_dataset(split, shuffle=False, shard_info=shard_info)
     length = preprocessors.resolve_length(sequence_length, config["max_len"])

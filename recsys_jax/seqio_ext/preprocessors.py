@@ -1,7 +1,8 @@
 """SeqIO preprocessors turning leave-one-out examples into model features.
 
 Order in a Bert4Rec task (see docs/TASKS.md):
-  truncate_or_window -> bert4rec_inputs -> pad_or_pack
+  [remove_train_items ->] truncate_or_window -> bert4rec_inputs -> pad_or_pack
+(`remove_train_items` only under the cold-item protocol.)
 
 Train examples (no `target`) are truncated to the most recent `max_len` items
 (or cut into sliding windows), masked for the cloze objective and padded (or
@@ -176,6 +177,56 @@ def prefix_batch(ex: Mapping[str, tf.Tensor], max_len: int
   rows = tf.repeat(tf.range(tf.size(n, out_type=tf.int64)), count)
   ends = 2 + tf.ragged.range(count).values
   return take_slices(ex, rows, tf.maximum(ends - max_len, 0), ends)
+
+
+def remove_items_batch(ex: Mapping[str, tf.Tensor], items: Sequence[int]
+                       ) -> Dict[str, tf.Tensor]:
+  """Removes `items` (and aligned features) from each history of a batch.
+
+  Examples left with no item are dropped (every feature alike).
+
+  Args:
+    ex: batch with ragged int32 `item_ids` [B, (n)].
+    items: item ids to remove.
+  """
+  ids = ex[ITEM_IDS]
+  removed = np.unique(np.asarray(items, np.int64))
+  if not removed.size:
+    return dict(ex)
+  removed = tf.constant(removed, tf.int64)
+  values = _int64(ids.values)
+  # Membership by binary search in the sorted ids.
+  at = tf.minimum(tf.searchsorted(removed, values, out_type=tf.int64),
+                  tf.size(removed, out_type=tf.int64) - 1)
+  hit = tf.equal(tf.gather(removed, at), values)
+  keep = ids.with_values(tf.logical_not(hit))
+  aligned = _aligned(ex)
+  out = {k: (tf.ragged.boolean_mask(v, keep) if k in aligned else v)
+         for k, v in ex.items()}
+  nonempty = out[ITEM_IDS].row_lengths() > 0
+  return {k: (tf.ragged.boolean_mask(v, nonempty)
+              if isinstance(v, tf.RaggedTensor)
+              else tf.boolean_mask(v, nonempty))
+          for k, v in out.items()}
+
+
+def remove_train_items(ds: tf.data.Dataset,
+                       sequence_length: Optional[Mapping[str, int]] = None,
+                       *,
+                       items: Sequence[int] = ()) -> tf.data.Dataset:
+  """Train only: removes `items` from every history (`remove_items_batch`).
+
+  Goes before `truncate_or_window`, so rows are cut from what is left.
+  Evaluation examples (validation / test) pass unchanged, histories and
+  targets alike: the cold-item protocol (`input_pipeline/cold_items.py`).
+  """
+  del sequence_length
+  if sources.is_eval_dataset(ds) or not len(items):
+    return ds
+  items = [int(i) for i in items]
+  return _blockwise(ds, lambda d: d.map(
+      lambda ex: remove_items_batch(ex, items),
+      num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def truncate_or_window(ds: tf.data.Dataset,

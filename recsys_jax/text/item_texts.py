@@ -5,6 +5,9 @@ encoder cache of `embed_items`, the text tasks of `tasks/text_tasks.py`)
 goes through `item_texts`, so an item's text and its index agree everywhere:
 row i of `item_texts(data_dir)` is the item of vocabulary index i + 1.
 
+`item_categories` gives each item's most specific category name (the
+critique table of `critique_texts` includes them).
+
 Rendering is `data.prepared.item_text` (also what the dataset's SentencePiece
 model was trained on); `fields` renders a subset of the metadata the same way,
 e.g. `fields=("categories", "brand", "description")` is an item's text
@@ -73,3 +76,17 @@ def texts_by_index(data_dir: str, fields: Sequence[str] = FIELDS
   be indexed (or gathered) with `item_ids` directly.
   """
   return [""] + item_texts(data_dir, fields) + [""]
+
+
+def item_categories(data_dir: str) -> List[str]:
+  """Most specific category of every item: `[N]`, row i = index i + 1.
+
+  The last element of the item's `categories` path in items.jsonl (e.g.
+  "Hubs" for ["Electronics", "Computers", "Hubs"]); "" for an item without
+  categories.
+  """
+  out = []
+  for row in read_rows(data_dir):
+    cats = row.get(CATEGORIES) or []
+    out.append(str(cats[-1]) if cats else "")
+  return out
