@@ -294,11 +294,10 @@ class FlareModel(sequence.SequenceRecModel):
 
   def _critique_vectors(self, params, item_rows: Array, crit: Array, rng,
                         per_row: int) -> Tuple[Array, Array]:
-    """Text vectors of the critiqued slots: (`[B, L, E]`, has `[B, L]`).
+    """Causal critiqued slots' text vectors: (`[B, L, E]`, has `[B, L]`).
 
     Up to `per_row` slots per row with a critique id > 0 (the first ones);
-    each reads [its item's tokens; the critique's tokens] (causal), or the
-    critique's tokens alone (bidirectional: the slot is a [MASK]).
+    each reads [its item's tokens; the critique's tokens].
     """
     b, length = crit.shape
     per_row = min(per_row, length)
@@ -309,26 +308,37 @@ class FlareModel(sequence.SequenceRecModel):
     sel_item = jnp.take_along_axis(item_rows, idx, axis=1)
     valid = sel_crit > 0
     flat_item, flat_crit = sel_item.reshape(-1), sel_crit.reshape(-1)
-    tokens = jnp.take(t.critique_tokens, flat_crit, axis=0)
-    mask = jnp.take(t.critique_mask, flat_crit, axis=0)
-    types = jnp.full(mask.shape, perceiver_lib.CRITIQUE_TEXT, jnp.int32)
-    if self.causal:
-      # The slot is an item (the last one before the predicted item): its
-      # tokens come first. Bidirectional slots are [MASK]s, without text.
-      tokens = jnp.concatenate(
-          [jnp.take(t.item_tokens, flat_item, axis=0).astype(tokens.dtype),
-           tokens], axis=1)
-      mask = jnp.concatenate([jnp.take(t.item_mask, flat_item, axis=0),
-                              mask], axis=1)
-      types = jnp.concatenate(
-          [jnp.full(mask.shape[:1] + t.item_mask.shape[1:],
-                    perceiver_lib.ITEM_TEXT, jnp.int32), types], axis=1)
+    crit_mask = jnp.take(t.critique_mask, flat_crit, axis=0)
+    tokens = jnp.concatenate(
+        [jnp.take(t.item_tokens, flat_item, axis=0),
+         jnp.take(t.critique_tokens, flat_crit, axis=0).astype(
+             t.item_tokens.dtype)], axis=1)
+    mask = jnp.concatenate([jnp.take(t.item_mask, flat_item, axis=0),
+                            crit_mask], axis=1)
+    types = jnp.concatenate(
+        [jnp.full(mask.shape[:1] + t.item_mask.shape[1:],
+                  perceiver_lib.ITEM_TEXT, jnp.int32),
+         jnp.full(crit_mask.shape, perceiver_lib.CRITIQUE_TEXT, jnp.int32)],
+        axis=1)
     vec = self._text_vectors(params, tokens, mask, types, rng)
     vec = vec.reshape(b, per_row, -1)
     onehot = ((idx[:, :, None] == jnp.arange(length)[None, None, :])
               & valid[:, :, None])  # [B, P, L]
     scattered = jnp.einsum("bpl,bpe->ble", onehot.astype(vec.dtype), vec)
     return scattered, jnp.any(onehot, axis=1)
+
+  def _distinct_critique_vectors(self, params, crit: Array, rng
+                                 ) -> Tuple[Array, Array]:
+    """Critique-only vectors of every critiqued position (`[B, L, E]`, has)."""
+    t = self.tables
+    size = min(t.critique_mask.shape[0], crit.size)
+    values, slot, _, _ = distinct(crit.reshape(-1), size)
+    mask = jnp.take(t.critique_mask, values, axis=0)
+    vec = self._text_vectors(
+        params, jnp.take(t.critique_tokens, values, axis=0), mask,
+        jnp.full(mask.shape, perceiver_lib.CRITIQUE_TEXT, jnp.int32), rng)
+    out = jnp.take(vec, slot, axis=0).reshape(crit.shape + vec.shape[-1:])
+    return out, crit > 0
 
   def _position_text(self, params, item_ids: Array, crit: Array, rng, *,
                      all_vectors: Optional[Array] = None,
@@ -352,12 +362,21 @@ class FlareModel(sequence.SequenceRecModel):
       text = jnp.where(keep, jnp.take(vecs, slot, axis=0), 0.0)
       text = text.reshape(b, length, -1)
       dropped = jnp.sum((is_item.reshape(-1) & ~found).astype(jnp.float32))
-    if not self.causal:
-      # Bidirectional: critiques go to [MASK] slots only.
+    if self.causal:
+      # A critiqued slot is an item: one Perceiver pass per slot over
+      # [item tokens; critique tokens], at most `per_row` slots per row
+      # (training: `max_critiques_per_row`, default the predicted positions
+      # per row; scoring passes 1).
+      per_row = critiques_per_row or self.max_critiques_per_row or (
+          self.max_predictions or length)
+      crit_vec, has = self._critique_vectors(params, rows, crit, rng,
+                                             per_row)
+    else:
+      # Bidirectional: critiques go to [MASK] slots, which have no item
+      # text, so a slot's vector depends on the critique alone: one pass
+      # per distinct critique of the batch (exact: at most C + 1 of them).
       crit = jnp.where(item_ids == self.mask_id, crit, 0)
-    per_row = critiques_per_row or self.max_critiques_per_row or (
-        self.max_predictions or length)
-    crit_vec, has = self._critique_vectors(params, rows, crit, rng, per_row)
+      crit_vec, has = self._distinct_critique_vectors(params, crit, rng)
     text = jnp.where(has[..., None], crit_vec.astype(text.dtype), text)
     return text, {"values": values, "vectors": vecs, "dropped": dropped}
 
@@ -471,9 +490,7 @@ class FlareModel(sequence.SequenceRecModel):
     if self.output_table == "fused":
       all_vectors = self.all_item_vectors(params, dropout_rng)
     hidden, info = self._forward(params, batch, crit, dropout_rng,
-                                 all_vectors=all_vectors,
-                                 critiques_per_row=None if self.causal
-                                 else num)
+                                 all_vectors=all_vectors)
     hidden, targets, weights = sequence.gather_predictions(
         hidden, targets, weights, num)
     query = self._apply(params, hidden, method="output_query")
