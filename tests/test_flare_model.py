@@ -332,3 +332,29 @@ def test_loss_sums_and_infonce(causal):
   grads = jax.jit(jax.grad(
       lambda p: model.loss_fn(p, batch, jax.random.PRNGKey(2))[0]))(params)
   assert float(jnp.abs(grads["perceiver"]["latents"]).sum()) > 0
+
+
+@pytest.mark.parametrize("table", ["id", "fused"])
+def test_new_items_scored_with_mean_id_and_bias(table):
+  model, params = _model(eval_table=table, new_items=np.array([5, 9]))
+  plain, _ = _model(eval_table=table)
+  got, bias = jax.jit(model._table_and_bias)(params)
+  ref, ref_bias = jax.jit(plain._table_and_bias)(params)
+  trained = [i for i in range(1, N + 1) if i not in (5, 9)]
+  ids = np.asarray(params["backbone"]["item_embed"]["embedding"])
+  b = np.asarray(params["backbone"]["output_bias"])
+  mean_id, mean_bias = ids[trained].mean(0), b[trained].mean()
+  np.testing.assert_allclose(np.asarray(bias)[[5, 9]], mean_bias, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(bias)[trained],
+                                np.asarray(ref_bias)[trained])
+  np.testing.assert_allclose(np.asarray(got)[trained],
+                             np.asarray(ref)[trained], atol=1e-6)
+  if table == "id":
+    np.testing.assert_allclose(np.asarray(got)[[5, 9]],
+                               np.stack([mean_id] * 2), atol=1e-6)
+  else:  # mean ID + the item's own text
+    txt = _vectors(model, params, jnp.array([5, 9]))
+    want = model._apply(params, jnp.asarray(np.stack([mean_id] * 2)), txt,
+                        method="fuse")
+    np.testing.assert_allclose(np.asarray(got)[[5, 9]], np.asarray(want),
+                               atol=1e-5)

@@ -136,6 +136,8 @@ def flare(*, data_dir: str, item_text_cache: str,
           data_critique_rate: float = 0.5, proxy_critique_rate: float = 0.25,
           max_distinct_items: Optional[int] = None,
           max_critiques_per_row: Optional[int] = None,
+          untrained_as_new: bool = True, cold_item_fraction: float = 0.0,
+          cold_item_seed: int = 0,
           loss_chunk_rows: Optional[int] = model_lib.DEFAULT_LOSS_CHUNK_ROWS
           ) -> "flare_model.FlareModel":
   """A FLARE wrapper (model_lib/flare.py) sized for the dataset at `data_dir`.
@@ -148,6 +150,10 @@ def flare(*, data_dir: str, item_text_cache: str,
     critique_text_cache: `embed_items --texts=critiques` cache (same
       encoder), or None: no critiques.
     ood_categories: category names never used as training critiques.
+    untrained_as_new: score items without training interactions as new
+      items (`FlareModel.new_items`); the training counts follow the data's
+      cold-item protocol: pass the same `cold_item_fraction` /
+      `cold_item_seed` as `SequenceData`.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from recsys_jax.model_lib import flare_tables  # pylint: disable=g-import-not-at-top
@@ -173,8 +179,14 @@ def flare(*, data_dir: str, item_text_cache: str,
       text_dim=tables.text_dim, fusion=fusion)
   if max_predictions is None and mask_prob is not None and not causal:
     max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
+  new_items = None
+  if untrained_as_new:
+    counts = input_pipeline.train_item_counts(
+        data_dir, cold_item_fraction=cold_item_fraction,
+        cold_item_seed=cold_item_seed)
+    new_items = np.flatnonzero(counts == 0) + 1
   return flare_model.FlareModel(
-      config, tables, output_table=output_table, eval_table=eval_table,
+      config, tables, new_items=new_items, output_table=output_table, eval_table=eval_table,
       infonce_weight=infonce_weight, infonce_temperature=infonce_temperature,
       data_critique_rate=data_critique_rate,
       proxy_critique_rate=proxy_critique_rate, ood_critique_ids=ood_ids,

@@ -173,6 +173,10 @@ class FlareModel(sequence.SequenceRecModel):
       (None: exact, min(V, B x L)).
     max_critiques_per_row: critiqued slots per row (default: the predicted
       positions per row, `max_predictions`, or L).
+    new_items: item ids without training interactions. Their ID embedding
+      and output bias never saw a positive (a full softmax only pushes them
+      down), so scoring treats them as new items: the mean ID embedding and
+      bias of the other items, plus their own text in the fused table.
     max_predictions, z_loss, loss_chunk_rows: see `Bert4RecModel`.
   """
 
@@ -184,6 +188,7 @@ class FlareModel(sequence.SequenceRecModel):
                ood_critique_ids: Sequence[int] = (),
                max_distinct_items: Optional[int] = None,
                max_critiques_per_row: Optional[int] = None,
+               new_items: Optional[np.ndarray] = None,
                max_predictions: Optional[int] = None, z_loss: float = 0.0,
                loss_chunk_rows: Optional[int] = (
                    sequence.DEFAULT_LOSS_CHUNK_ROWS)):
@@ -231,6 +236,14 @@ class FlareModel(sequence.SequenceRecModel):
     self.ood_critique_ids = tuple(sorted(int(c) for c in ood_critique_ids))
     self.max_distinct_items = max_distinct_items
     self.max_critiques_per_row = max_critiques_per_row
+    new = np.zeros((self.padded_vocab,), bool)
+    if new_items is not None and len(new_items):
+      ids = np.asarray(new_items, np.int64)
+      if ids.min() < 1 or ids.max() > self.num_items:
+        raise ValueError(f"new_items must lie in 1..{self.num_items}")
+      new[ids] = True
+    self.num_new_items = int(new.sum())
+    self._new_items = jnp.asarray(new)
 
   # -- what the trainer and the runs record ----------------------------------
 
@@ -424,9 +437,33 @@ class FlareModel(sequence.SequenceRecModel):
       return p["backbone"]["item_embed"]["embedding"], bias
     return self._fused_table(params, self.all_item_vectors(params)), bias
 
+  def _scoring_table(self, params) -> Tuple[Array, Array]:
+    """`eval_table`, with new items' ID embedding and bias set to the mean
+    of the trained items' (`new_items`)."""
+    if not self.num_new_items:
+      return self._table(params, self.eval_table)
+    p = nn.meta.unbox(params)
+    ids, bias = p["backbone"]["item_embed"]["embedding"], p["backbone"][
+        "output_bias"]
+    trained = (item_vocab.item_id_mask(self.padded_vocab, self.num_items)
+               & ~self._new_items)
+    w = trained.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w), 1.0)
+    mean_id = jnp.sum(ids * w[:, None], axis=0) / count
+    mean_bias = jnp.sum(bias * w) / count
+    new = self._new_items
+    bias = jnp.where(new, mean_bias, bias)
+    if self.eval_table == "id":
+      return jnp.where(new[:, None], mean_id[None], ids), bias
+    id_vecs = jnp.where(new[:, None], mean_id[None], ids).astype(
+        self.config.backbone.compute_dtype)
+    table = self._apply(params, id_vecs, self.all_item_vectors(params),
+                        method="fuse")
+    return table, bias
+
   def _table_and_bias(self, params) -> Tuple[Array, Array]:
-    """The scoring (and export) table: `eval_table`."""
-    return self._table(params, self.eval_table)
+    """The scoring (and export) table: `eval_table` (new items: above)."""
+    return self._scoring_table(params)
 
   def item_scores_from_hidden(self, params, hidden: Array) -> Array:
     query = self._apply(params, hidden, method="output_query")
