@@ -8,8 +8,9 @@ to the model width, and the result is combined with the item's ID embedding
 before the Transformer:
 
   text(item)   = Dense(flatten(Perceiver(tokens(item))))       [E]
-  input(item)  = id(item) + text(item)                 (fusion 'sum')
-               = Dense([id(item); text(item)])          (fusion 'concat')
+  input(item)  = id(item) + g text(item)               (fusion 'sum')
+               = Dense([id(item); g text(item)])        (fusion 'concat')
+  g            = tanh(text_gate), a learned scalar, 0 at init
 
 A predicted slot ([MASK], or in causal mode the last history item) may
 carry a critique: its token encodings are concatenated with the slot's own
@@ -79,6 +80,13 @@ class Flare(nn.Module):
     self.perceiver = perceiver_lib.Perceiver(
         dataclasses.replace(cfg.perceiver, dtype=dtype))
     self.text_projection = layers.dense(hidden, ("mlp", "embed"), dtype=dtype)
+    # Flamingo-style gate, tanh(0) = 0 at init: the model starts as its
+    # ID-only backbone and lets the text in as it proves useful. Ungated,
+    # the text vectors (~5x the ID embeddings' scale at init) drown the item
+    # identities and the causal backbone trained far slower than ID-only
+    # (docs/FLARE.md). InfoNCE reads the ungated text vectors.
+    self.text_gate = self.param("text_gate", layers.logical(
+        nn.initializers.zeros, ()), (), jnp.float32)
     self.no_text = self.param(
         "no_text", layers.logical(layers.default_kernel_init, ("embed",)),
         (hidden,), jnp.float32)
@@ -100,11 +108,12 @@ class Flare(nn.Module):
                      self.no_text.astype(vec.dtype)[None, :])
 
   def fuse(self, id_vectors: Array, text_vectors: Array) -> Array:
-    """Combines `[..., E]` ID embeddings with `[..., E]` text vectors."""
+    """Combines `[..., E]` ID embeddings with `[..., E]` text vectors
+    (gated by tanh(`text_gate`))."""
+    text = (jnp.tanh(self.text_gate) * text_vectors).astype(id_vectors.dtype)
     if self.config.fusion == "sum":
-      return id_vectors + text_vectors.astype(id_vectors.dtype)
-    both = jnp.concatenate(
-        [id_vectors, text_vectors.astype(id_vectors.dtype)], axis=-1)
+      return id_vectors + text
+    both = jnp.concatenate([id_vectors, text], axis=-1)
     flat = self.fusion_dense(both.reshape(-1, both.shape[-1]))
     return flat.reshape(id_vectors.shape)
 
