@@ -156,6 +156,8 @@ def test_train_records_the_text_tables(flare_run):
   assert tables["max_text_len"] == TEXT_LEN
   assert tables["max_critique_len"] == TEXT_LEN
   assert tables["text_dim"] == manifest["d_model"]
+  assert arch["text_tables_vocab"] == manifest["vocab"]
+  assert arch["text_tables_dtype"] == manifest["dtype"]
 
 
 def test_eval_ranking_and_critiquing(flare_run):

@@ -12,6 +12,7 @@ from recsys_jax.core import checkpoints
 from recsys_jax.core import distributed
 from recsys_jax.cli import gin_utils
 from recsys_jax.core import trainer
+from recsys_jax.text import item_text_cache
 
 flags.DEFINE_multi_string("gin_file", [], "gin files, in order (later wins)")
 flags.DEFINE_multi_string("gin_bindings", [],
@@ -69,9 +70,10 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
     try:
       configured()
     except (FileNotFoundError, checkpoints.CheckpointError,
-            trainer.NonFiniteLossError) as e:
+            trainer.NonFiniteLossError,
+            item_text_cache.CacheMismatchError) as e:
       # User-facing conditions (no checkpoint/step/data, an unreadable or
-      # unfitting checkpoint, NaN loss): no traceback, nor gin's suffix.
+      # unfitting checkpoint, a text cache built otherwise, NaN loss): no traceback, nor gin's suffix.
       sys.exit(f"error: {str(e).split(chr(10) + '  In call to')[0]}")
     except ValueError as e:
       # A config class rejecting its bound values (its __post_init__).

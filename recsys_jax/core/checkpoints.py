@@ -370,7 +370,7 @@ def check_architecture(saved: Optional[dict], expected: dict, where: str
   if diff:
     lines = [f"  {k}: saved {saved.get(k)!r}, configured {expected.get(k)!r}"
              for k in diff]
-    raise ValueError(
+    raise CheckpointError(
         f"{where} was written by a different model architecture than the "
         "configured one:\n" + "\n".join(lines) + "\nPass the saved values "
         "as --gin.builders.<model>.<field>=... (or use the run's config.gin).")

@@ -170,7 +170,8 @@ class FlareModel(sequence.SequenceRecModel):
       target's category name (training).
     ood_critique_ids: critique ids of categories never used in training.
     max_distinct_items: static cap of distinct items per Perceiver pass
-      (None: exact, min(V, B x L)).
+      (None: exact, min(V, B x L)); unused when `output_table='fused'`
+      (every item is encoded each step then).
     max_critiques_per_row: critiqued slots per row (default: the predicted
       positions per row, `max_predictions`, or L).
     new_items: item ids without training interactions. Their ID embedding
@@ -263,8 +264,13 @@ class FlareModel(sequence.SequenceRecModel):
     for part in (record["backbone"], record["perceiver"]):
       for k in ("dropout_rate", "attention_dropout_rate", "dtype"):
         part.pop(k, None)
+    identity = dict(self.host_tables.identity)
+    # Top-level keys: a record that lacks them (an older checkpoint) is not
+    # checked on them (checkpoints.check_architecture).
+    extra = {f"text_tables_{k}": identity.pop(k) for k in ("vocab", "dtype")
+             if k in identity}
     return {"module": "Flare", **record, "output_table": self.output_table,
-            "text_tables": dict(self.host_tables.identity)}
+            "text_tables": identity, **extra}
 
   # -- parameters ------------------------------------------------------------
 

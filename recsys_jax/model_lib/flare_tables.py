@@ -77,6 +77,8 @@ def load_text_tables(data_dir: str, item_cache: str,
   identity = {"encoder": items.manifest.get("encoder"),
               "checkpoint_fingerprint":
                   items.manifest.get("checkpoint_fingerprint"),
+              "vocab": items.manifest.get("vocab"),
+              "dtype": items.manifest.get("dtype"),
               "item_texts_sha256": items.manifest.get("texts_sha256"),
               "max_text_len": t, "text_dim": d}
   item_category = np.zeros((padded_vocab,), np.int32)
