@@ -274,3 +274,28 @@ def assert_trees_equal(a, b, what: str = ""):
 
 def progress_steps(stdout: str) -> List[int]:
   return [int(m.group(1)) for m in _PROGRESS.finditer(stdout)]
+
+
+def random_flare_tables(vocab: int, num_items: int, text_len: int, dim: int,
+                        num_critiques: int, critique_len: int):
+  """Random FLARE text tables (no cache): masked item tokens, item 3
+  without text, critique 2 with one padded token, random categories."""
+  from recsys_jax.model_lib import flare  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  mask = rng.random((vocab, text_len)) < 0.7
+  mask[:, 0] = True
+  mask[0] = False
+  mask[num_items + 1:] = False
+  mask[3] = False  # an item without text
+  crit_mask = np.ones((num_critiques + 1, critique_len), bool)
+  crit_mask[0] = False
+  crit_mask[2, 2] = False
+  category = np.zeros(vocab, np.int32)
+  category[1:num_items + 1] = rng.integers(1, num_critiques + 1, num_items)
+  return flare.FlareTextTables(
+      item_tokens=(rng.normal(size=(vocab, text_len, dim)) * mask[..., None]
+                   ).astype(np.float32),
+      item_mask=mask,
+      critique_tokens=rng.normal(size=(num_critiques + 1, critique_len, dim)
+                                 ).astype(np.float32),
+      critique_mask=crit_mask, item_category=category)

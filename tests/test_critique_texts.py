@@ -10,7 +10,6 @@ import os
 import shutil
 
 import gin
-import jax
 import numpy as np
 import pytest
 import sentencepiece

@@ -278,8 +278,9 @@ def test_caches_of_another_encoder_seed_are_refused(flare_run):
 
 _SHARDED_SCRIPT = r'''
 import pickle, sys
-import flax.linen as nn, jax, numpy as np
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
+from tests import helpers
 from recsys_jax.core import partitioning
 from recsys_jax.model_lib import flare
 from recsys_jax.models import bert4rec, flare as flare_lib, perceiver
@@ -290,23 +291,7 @@ N, L, B, T, D, C, TC = 20, 10, 8, 5, 8, 6, 3
 
 
 def tables(vocab):
-  rng = np.random.default_rng(0)
-  mask = rng.random((vocab, T)) < 0.7
-  mask[:, 0] = True
-  mask[0] = False
-  mask[N + 1:] = False
-  mask[3] = False  # an item without text
-  crit_mask = np.ones((C + 1, TC), bool)
-  crit_mask[0] = False
-  crit_mask[2, 2] = False
-  category = np.zeros(vocab, np.int32)
-  category[1:N + 1] = rng.integers(1, C + 1, N)
-  return flare.FlareTextTables(
-      item_tokens=(rng.normal(size=(vocab, T, D)) * mask[..., None]
-                   ).astype(np.float32),
-      item_mask=mask,
-      critique_tokens=rng.normal(size=(C + 1, TC, D)).astype(np.float32),
-      critique_mask=crit_mask, item_category=category)
+  return helpers.random_flare_tables(vocab, N, T, D, C, TC)
 
 
 def make_model(causal, **kwargs):
@@ -385,6 +370,8 @@ for name, kwargs in VARIANTS.items():
   train, score = batches(model.mask_id)
   params = nn.meta.unbox(jax.jit(model.get_initial_variables)(init_rng)
                          )["params"]
+  # Open the text gate (closed at init) so the text path counts.
+  params["text_gate"] = jnp.float32(0.5)
   fn = outputs(model)
   result[f"{name}/single"] = host(jax.jit(fn)(params, train, score, rng))
   for setup, (mp, rules) in SETUPS.items():

@@ -13,6 +13,7 @@ from recsys_jax.model_lib import losses
 from recsys_jax.models import bert4rec
 from recsys_jax.models import flare as flare_lib
 from recsys_jax.models import perceiver
+from tests import helpers
 
 # -- NumPy reference of the Perceiver -----------------------------------------
 
@@ -113,26 +114,24 @@ N, T, D, C, TC = 20, 5, 8, 6, 3
 
 
 def _tables(vocab):
-  rng = np.random.default_rng(0)
-  mask = rng.random((vocab, T)) < 0.7
-  mask[:, 0] = True
-  mask[0] = False
-  mask[N + 1:] = False
-  mask[3] = False  # an item without text
-  crit_mask = np.ones((C + 1, TC), bool)
-  crit_mask[0] = False
-  crit_mask[2, 2] = False
-  category = np.zeros(vocab, np.int32)
-  category[1:N + 1] = rng.integers(1, C + 1, N)
-  return flare.FlareTextTables(
-      item_tokens=(rng.normal(size=(vocab, T, D)) * mask[..., None]
-                   ).astype(np.float32),
-      item_mask=mask,
-      critique_tokens=rng.normal(size=(C + 1, TC, D)).astype(np.float32),
-      critique_mask=crit_mask, item_category=category)
+  return helpers.random_flare_tables(vocab, N, T, D, C, TC)
+
+
+_MODELS = {}
 
 
 def _model(causal=False, **kwargs):
+  """(model, params), built once per configuration (init is the slow part)."""
+  key = (causal,) + tuple(sorted(
+      (k, tuple(v.tolist()) if isinstance(v, np.ndarray) else v)
+      for k, v in kwargs.items()))
+  if key not in _MODELS:
+    _MODELS[key] = _build_model(causal, **kwargs)
+  model, params = _MODELS[key]
+  return model, dict(params)
+
+
+def _build_model(causal=False, **kwargs):
   bc = bert4rec.Bert4RecConfig(num_items=N, max_len=10, hidden=16,
                                num_heads=2, mlp_dim=32, causal=causal)
   cfg = flare_lib.FlareConfig(
@@ -140,7 +139,9 @@ def _model(causal=False, **kwargs):
       text_dim=D, fusion=kwargs.pop("fusion", "sum"))
   model = flare.FlareModel(cfg, _tables(bc.padded_vocab), **kwargs)
   params = nn.meta.unbox(
-      model.get_initial_variables(jax.random.PRNGKey(0))["params"])
+      jax.jit(model.get_initial_variables)(jax.random.PRNGKey(0))["params"])
+  # The text gate starts closed (tanh(0) = 0); open it so text matters.
+  params["text_gate"] = jnp.float32(0.5)
   return model, params
 
 

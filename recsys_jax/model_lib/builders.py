@@ -26,6 +26,13 @@ def train_item_log_popularity(data_dir: str) -> np.ndarray:
   return np.log(counts / counts.sum()).astype(np.float32)
 
 
+def _bert4rec_config(data_dir: str, **fields
+                     ) -> bert4rec_lib.Bert4RecConfig:
+  """`Bert4RecConfig` with the catalogue size of the dataset at `data_dir`."""
+  return bert4rec_lib.Bert4RecConfig(
+      num_items=prepared.PreparedDataset(data_dir).num_items, **fields)
+
+
 def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              num_layers: int = 2, num_heads: int = 2, mlp_dim: int = 256,
              dropout_rate: float = 0.2, attention_dropout_rate: float = 0.2,
@@ -53,14 +60,12 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       see `model_lib.Bert4RecModel`).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  num_items = prepared.PreparedDataset(data_dir).num_items
-  config = bert4rec_lib.Bert4RecConfig(
-      num_items=num_items, max_len=max_len, hidden=hidden,
-      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
-      dropout_rate=dropout_rate,
-      attention_dropout_rate=attention_dropout_rate,
-      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end,
-      causal=causal, output_transform=output_transform)
+  config = _bert4rec_config(
+      data_dir, max_len=max_len, hidden=hidden, num_layers=num_layers,
+      num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate, dtype=getattr(jnp, dtype),
+      positions_from_end=positions_from_end, causal=causal,
+      output_transform=output_transform)
   if max_predictions is None and mask_prob is not None:
     max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
   log_pop = (train_item_log_popularity(data_dir)
@@ -159,14 +164,12 @@ def flare(*, data_dir: str, item_text_cache: str,
   from recsys_jax.model_lib import flare_tables  # pylint: disable=g-import-not-at-top
   from recsys_jax.models import flare as flare_lib  # pylint: disable=g-import-not-at-top
   from recsys_jax.models import perceiver  # pylint: disable=g-import-not-at-top
-  num_items = prepared.PreparedDataset(data_dir).num_items
-  backbone = bert4rec_lib.Bert4RecConfig(
-      num_items=num_items, max_len=max_len, hidden=hidden,
-      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
-      dropout_rate=dropout_rate,
-      attention_dropout_rate=attention_dropout_rate,
-      dtype=getattr(jnp, dtype), positions_from_end=positions_from_end,
-      causal=causal, output_transform=output_transform)
+  backbone = _bert4rec_config(
+      data_dir, max_len=max_len, hidden=hidden, num_layers=num_layers,
+      num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate, dtype=getattr(jnp, dtype),
+      positions_from_end=positions_from_end, causal=causal,
+      output_transform=output_transform)
   tables, ood_ids = flare_tables.load_text_tables(
       data_dir, item_text_cache, critique_text_cache, backbone.padded_vocab,
       ood_categories)
