@@ -45,6 +45,7 @@ from recsys_jax.evaluation import evaluator
 from recsys_jax.evaluation import metrics
 from recsys_jax.model_lib import flare as flare_model
 from recsys_jax.model_lib import flare_tables
+from recsys_jax.text import critique_texts as critique_texts_lib
 
 INPUT_CRITIQUE_IDS = flare_model.INPUT_CRITIQUE_IDS
 CRITIQUE_IDS = flare_model.CRITIQUE_IDS
@@ -158,34 +159,6 @@ def critiqued_batch(rows: CritiquingRows, critique: np.ndarray
           "valid": rows.valid.astype(np.float32)}
 
 
-def category_critique_ids(category_names: Sequence[str],
-                          critique_texts: Sequence[str], *,
-                          where: str = "the critique cache") -> np.ndarray:
-  """`[N + 2]` critique id of each item id's category name (0: none).
-
-  Args:
-    category_names: `[N]`, row i = item i + 1's category ("" for none).
-    critique_texts: the critique table, row r = id r + 1.
-    where: named in the error.
-
-  Raises:
-    ValueError: a category name is not in the critique table (the cache
-      was built from other data).
-  """
-  index = {}
-  for r, text in enumerate(critique_texts):
-    index.setdefault(text, r + 1)
-  missing = sorted({c for c in category_names if c and c not in index})
-  if missing:
-    raise ValueError(
-        f"{where}: category names {missing[:5]} ({len(missing)} in all) are "
-        "not in its texts.json; build it over this dataset with python -m "
-        "recsys_jax.embed_items --texts=critiques")
-  out = np.zeros((len(category_names) + 2,), np.int32)
-  out[1:-1] = [index.get(c, 0) for c in category_names]
-  return out
-
-
 def _sum_across_processes(values: np.ndarray) -> np.ndarray:
   """Sum over JAX processes of a float64 vector (bit-exact transport)."""
   values = np.asarray(values, np.float64)
@@ -280,7 +253,7 @@ class CritiquingEvaluation:
           f"names of {data_dir} (items.jsonl, most specific category); "
           f"e.g. {real[:5]} ({len(real)} in all)")
     texts = flare_tables.critique_texts(self.critique_texts)
-    item_critique = category_critique_ids(names, texts,
+    item_critique = critique_texts_lib.category_critique_ids(names, texts,
                                           where=self.critique_texts)
     host = getattr(model, "host_tables", None)
     if host is not None:

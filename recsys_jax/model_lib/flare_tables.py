@@ -99,12 +99,8 @@ def load_text_tables(data_dir: str, item_cache: str,
     crit_mask[1:] = crit.mask
     index = critique_texts_lib.critique_index(texts)
     names = item_category_names(data_dir)
-    missing = sorted({n for n in names if n and n not in index})
-    if missing:
-      raise ValueError(f"{critique_cache}: category names {missing[:5]} are "
-                       "not in the critique table; rebuild it with python -m "
-                       "recsys_jax.embed_items --texts=critiques")
-    item_category[1:num_items + 1] = [index.get(n, 0) for n in names]
+    item_category[:num_items + 2] = critique_texts_lib.category_critique_ids(
+        names, texts, where=critique_cache)
     unknown = [c for c in ood_categories if c not in index or c not in names]
     if unknown:
       raise ValueError(f"ood_categories {unknown}: not category names of "

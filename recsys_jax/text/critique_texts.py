@@ -17,6 +17,8 @@ the same rows whatever the order its users were written in.
 
 from typing import Dict, List, Sequence, Set
 
+import numpy as np
+
 from recsys_jax.data import prepared
 from recsys_jax.text import item_texts
 
@@ -67,3 +69,31 @@ def critique_index(texts: Sequence[str]) -> Dict[str, int]:
                        + "; expected distinct non-empty texts")
     index[text] = r + 1
   return index
+
+
+def category_critique_ids(category_names: Sequence[str],
+                          critique_texts: Sequence[str], *,
+                          where: str = "the critique cache") -> np.ndarray:
+  """`[N + 2]` critique id of each item id's category name (0: none).
+
+  Args:
+    category_names: `[N]`, row i = item i + 1's category ("" for none).
+    critique_texts: the critique table, row r = id r + 1.
+    where: named in the error.
+
+  Raises:
+    ValueError: a category name is not in the critique table (the cache
+      was built from other data).
+  """
+  index = {}
+  for r, text in enumerate(critique_texts):
+    index.setdefault(text, r + 1)
+  missing = sorted({c for c in category_names if c and c not in index})
+  if missing:
+    raise ValueError(
+        f"{where}: category names {missing[:5]} ({len(missing)} in all) are "
+        "not in its texts.json; build it over this dataset with python -m "
+        "recsys_jax.embed_items --texts=critiques")
+  out = np.zeros((len(category_names) + 2,), np.int32)
+  out[1:-1] = [index.get(c, 0) for c in category_names]
+  return out
