@@ -119,11 +119,15 @@ def test_eval_latest_writes_all_metrics(eval_latest):
 
 
 def test_eval_of_an_older_checkpoint(tiny_data, reference, eval_latest):
-  res = _eval(tiny_data, reference.model_dir,
-              "--gin.CHECKPOINT_STEP=32").check()
+  # EVAL_NAME keeps another evaluation of a checkpoint beside the
+  # training's own eval_step<N>.json.
+  res = _eval(tiny_data, reference.model_dir, "--gin.CHECKPOINT_STEP=32",
+              "--gin.EVAL_NAME='older'").check()
   assert "[eval step 32]" in res.stdout
+  assert not os.path.exists(os.path.join(reference.model_dir, "eval",
+                                         "eval_step32.json"))
   older = _read_json(os.path.join(reference.model_dir, "eval",
-                                  "eval_step32.json"))
+                                  "older_step32.json"))
   assert older["step"] == 32
   # Different parameters were evaluated (the popularity baseline is not
   # model-dependent and must not change).

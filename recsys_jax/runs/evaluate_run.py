@@ -1,5 +1,6 @@
 """The evaluate run: metrics of a checkpoint or an export on each split."""
 
+import re
 from typing import Any, Dict, Optional
 
 import jax
@@ -30,12 +31,20 @@ def evaluate(*, model_dir: str, data, model,
              mesh_config: partitioning.MeshConfig,
              evaluation,
              checkpoint_step: Optional[int] = None,
-             exported_dir: Optional[str] = None) -> Dict[str, Any]:
+             exported_dir: Optional[str] = None,
+             name: Optional[str] = None) -> Dict[str, Any]:
   """Evaluates a checkpoint step (latest by default) or an exported model.
 
   `evaluation` is an `EvalConfig` (ranking) or an evaluator object such as
-  `generation.GenerationEvaluator` (`evaluator.as_evaluation`).
+  `generation.GenerationEvaluator` (`evaluator.as_evaluation`). Results go to
+  `MODEL_DIR/eval/<name>_step<step>.json`; `name` defaults to 'eval'
+  ('eval_exported' for an export), so that another evaluation of the same
+  checkpoint (another scoring table, the critiquing protocol) can be kept
+  beside the training's own.
   """
+  if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    raise ValueError(f"EVAL_NAME={name!r}: expected a file-name stem "
+                     "(letters, digits, '_', '.', '-').")
   evaluation = evaluation_lib.as_evaluation(evaluation)
   mesh = mesh_config.make_mesh()
   rules = mesh_config.logical_rules()
@@ -45,6 +54,6 @@ def evaluate(*, model_dir: str, data, model,
   results = evaluate_and_report(
       evaluation, model, params, data, mesh, rules, step=step,
       model_dir=model_dir, writer=writer,
-      name="eval_exported" if exported_dir else "eval")
+      name=name or ("eval_exported" if exported_dir else "eval"))
   writer.flush()
   return results
