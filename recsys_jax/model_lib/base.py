@@ -22,6 +22,17 @@ LOSS_SUM = "loss_sum"
 WEIGHT_SUM = "weight_sum"
 
 
+def enable_array_constants():
+  """Arrays closed over by jitted functions become arguments, not constants.
+
+  Frozen tables of a model (FLARE's text tables, REGEN's item embeddings:
+  hundreds of MB on real catalogues) would otherwise be embedded into every
+  compiled program. JAX's own switch; it changes how captured arrays are
+  passed, not what is computed.
+  """
+  jax.config.update("jax_use_simplified_jaxpr_constants", True)
+
+
 class BaseModel(abc.ABC):
   """A model wrapper as the trainer sees it.
 

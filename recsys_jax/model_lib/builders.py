@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from recsys_jax.input_pipeline import sequence_data as input_pipeline
+from recsys_jax.model_lib import base as model_base
 from recsys_jax.model_lib import encoder_decoder
 from recsys_jax.model_lib import flare as flare_model
 from recsys_jax.model_lib import sequence as model_lib
@@ -121,6 +122,55 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
       soft_token_inputs=soft_token_inputs, soft_token_mode=soft_token_mode,
       slot_id=slot_id, label_smoothing=label_smoothing, z_loss=z_loss,
       max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha)
+
+
+def item_soft_tokens(*, data_dir: str, d_model: int, sources: str = "fused",
+                     adapter: str = "linear", mlp_dim: int = 512,
+                     tokens_per_item: int = 1, normalize: bool = True,
+                     dropout_rate: float = 0.0, next_item: bool = True,
+                     cf: Optional[str] = "als",
+                     item_text_cache: Optional[str] = None,
+                     cf_dim: int = 64, als_iterations: int = 10,
+                     seed: int = 0, dtype: str = "float32"):
+  """REGEN's soft-token module (`models/item_soft_tokens.ItemSoftTokens`).
+
+  Per history item: its collaborative-filtering embedding (`cf`: 'als' fits
+  implicit ALS on the leave-one-out training parts, or a path to an
+  export's item_embeddings.npy) and its semantic embedding (the pooled
+  vectors of `item_text_cache`), normalised, concatenated and adapted to
+  `d_model` (give it to `t5(soft_token_module=...)` with
+  `soft_token_inputs=item_soft_token_inputs(...)`). `sources` 'cf' /
+  'semantic' are the single-embedding ablations: the other table is not
+  loaded (nor fitted).
+  """
+  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
+  config = soft_lib.ItemSoftTokensConfig(
+      d_model=d_model, sources=sources, adapter=adapter, mlp_dim=mlp_dim,
+      tokens_per_item=tokens_per_item, normalize=normalize,
+      dropout_rate=dropout_rate, next_item=next_item, dtype=dtype)
+  if sources in ("fused", "semantic") and not item_text_cache:
+    raise ValueError(f"item_soft_tokens(sources={sources!r}) needs "
+                     "item_text_cache (an embed_items cache of this dataset)")
+  if sources in ("fused", "cf") and not cf:
+    raise ValueError(f"item_soft_tokens(sources={sources!r}) needs cf "
+                     "('als' or an export's item_embeddings.npy)")
+  tables = item_embeddings.load_item_tables(
+      data_dir, cf=cf if sources != "semantic" else None,
+      item_text_cache=item_text_cache if sources != "cf" else None,
+      cf_dim=cf_dim, als_iterations=als_iterations, seed=seed)
+  soft_lib.check_tables(config, tables)
+  model_base.enable_array_constants()  # tables: arguments, not HLO
+  return soft_lib.ItemSoftTokens(config=config, tables=tables.device())
+
+
+def item_soft_token_inputs(*, max_history: int, next_item: bool = True):
+  """The batch features `item_soft_tokens` reads (`t5(soft_token_inputs=)`):
+  `history_items` `[B, max_history]` and `next_item` `[B, 1]`, int32."""
+  spec = {"history_items": ((int(max_history),), "int32")}
+  if next_item:
+    spec["next_item"] = ((1,), "int32")
+  return spec
 
 
 def flare(*, data_dir: str, item_text_cache: str,

@@ -254,6 +254,12 @@ class EncoderDecoderModel(base.BaseModel):
           "class": type(soft).__name__,
           "config": (dataclasses.asdict(config)
                      if dataclasses.is_dataclass(config) else None)}
+      identity = getattr(getattr(soft, "tables", None), "identity", None)
+      if callable(identity):  # frozen input tables: their sizes (not paths)
+        facts = identity()
+        record["soft_token_module"]["tables"] = {
+            k: facts[k] for k in ("num_items", "cf_dim", "semantic_dim")
+            if k in facts}
     if self.soft_token_module is not None or self.soft_token_mode != "prefix":
       record["soft_token_mode"] = self.soft_token_mode
       record["slot_id"] = self.slot_id

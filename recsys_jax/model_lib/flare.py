@@ -10,7 +10,7 @@ each item's text to its input. What the wrapper owns:
   row 0 empty), read once from the item-text caches of `embed_items`, plus
   each item's category-name critique id (the proxy critique). They are
   device arrays closed over by the jitted steps (JAX passes them as
-  arguments, see `_enable_array_constants`), never parameters: nothing of
+  arguments, see `base.enable_array_constants`), never parameters: nothing of
   them is trained or checkpointed.
 * **One Perceiver pass per distinct item of a batch**: the batch's item ids
   are deduplicated inside the jitted step (`distinct`, static size
@@ -61,16 +61,6 @@ INPUT_CRITIQUE_IDS = "input_critique_ids"  # scoring: critiques to apply
 TABLES = ("id", "fused")
 INFONCE_SUM, INFONCE_WEIGHT = "infonce_sum", "infonce_weight"
 TEXT_DROPPED = "text_dropped_sum"
-
-
-def _enable_array_constants():
-  """Arrays closed over by jitted functions become arguments, not constants.
-
-  The text tables (hundreds of MB on real catalogues) would otherwise be
-  embedded into every compiled program. JAX's own switch; it changes how
-  captured arrays are passed, not what is computed.
-  """
-  jax.config.update("jax_use_simplified_jaxpr_constants", True)
 
 
 @dataclasses.dataclass
@@ -219,7 +209,7 @@ class FlareModel(sequence.SequenceRecModel):
            if not 1 <= int(c) <= tables.num_critiques]
     if bad:
       raise ValueError(f"ood_critique_ids {bad} outside 1..{tables.num_critiques}")
-    _enable_array_constants()
+    base.enable_array_constants()
     self.config = config
     super().__init__(flare_lib.Flare(config), num_items=bcfg.num_items,
                      max_len=bcfg.max_len, padded_vocab=bcfg.padded_vocab,
