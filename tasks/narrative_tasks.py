@@ -27,6 +27,17 @@ History modes (`history`; default by field, `DEFAULT_HISTORY`):
   'before_last_with_next'  all but the last as history, the last item as
                            `next_item` (endorsement quotes it)
 
+Per-item fields (`per_item/<name>`, stats.json `per_item_fields`: REGEN's
+`review_text`, `review_summary`, `review_rating`) are texts aligned with the
+items. A `field` naming one (`resolve_field`) makes the target the text of
+the user's LAST item (the purchase its review is about): default mode
+'before_last_with_next' (the endorsement-like setting: the reviewed item is
+`next_item`), or 'before_last' (purchase-reason-like: the model does not
+see it); 'all' is refused (the history would show the reviewed item). A
+name that is both a narrative and a per-item field means the narrative;
+'per_item/<name>' always names the per-item one. An empty last-item text
+counts as an empty narrative.
+
 Splits are per USER (`split_users`: a seeded permutation, no user in two
 splits), independent of the leave-one-out split of the ranking tasks.
 Users whose narrative is empty (after strip) or whose history is empty in
@@ -45,10 +56,10 @@ pretrained on it (REGEN's "LM frozen" arm) never reads a validation or test
 user's narrative. Examples carry `user_id`, `field`, and the corrupted
 `inputs` / `targets` tokens (no `targets_pretokenized`).
 
-Registration reads at most stats.json (to name the available fields when
-`field` is missing; span corruption: to list them when `fields` is None); a
-missing dataset or SentencePiece model fails at `get_dataset` time with the
-command that makes it.
+Registration reads at most stats.json (to resolve `field` and to name the
+available fields when it is missing; span corruption: to list them when
+`fields` is None); a missing dataset or SentencePiece model fails at
+`get_dataset` time with the command that makes it.
 """
 
 import functools
@@ -81,6 +92,7 @@ DEFAULT_HISTORY = {"user_summary": HISTORY_ALL,
                    "endorsement": HISTORY_BEFORE_LAST_WITH_NEXT}
 
 USER_ID = prepared.USER_ID
+PER_ITEM_PREFIX = prepared.PER_ITEM_PREFIX  # field spelling and record key
 HISTORY_ITEMS = "history_items"
 NEXT_ITEM = "next_item"
 INPUTS = text_tasks.INPUTS
@@ -105,13 +117,32 @@ def task_name(name: str, field: str) -> str:
   return f"{name}_narrative_{field_slug(field)}"
 
 
-def history_mode(field: str, history: Optional[str] = None) -> str:
-  """`history`, checked, or the default mode of `field`."""
+def history_mode(field: str, history: Optional[str] = None, *,
+                 per_item: Optional[bool] = None) -> str:
+  """`history`, checked, or the default mode of `field`.
+
+  Args:
+    field: the narrative field as given.
+    history: a mode of `HISTORY_MODES`, or None for the field's default.
+    per_item: whether `field` is a per-item field (its target is the last
+      item's text: default 'before_last_with_next', 'all' refused); None:
+      when it is spelled 'per_item/<name>' (`resolve_field` decides for a
+      dataset).
+  """
+  if per_item is None:
+    per_item = field.startswith(PER_ITEM_PREFIX)
   if history is None:
-    return DEFAULT_HISTORY.get(field, HISTORY_ALL)
+    return (HISTORY_BEFORE_LAST_WITH_NEXT if per_item
+            else DEFAULT_HISTORY.get(field, HISTORY_ALL))
   if history not in HISTORY_MODES:
     raise ValueError(f"narrative history={history!r} (field {field!r}): "
                      f"expected one of {list(HISTORY_MODES)}")
+  if per_item and history == HISTORY_ALL:
+    raise ValueError(
+        f"narrative history='all' for per-item field {field!r}: its target "
+        "is the last item's text, which 'all' would show in the history; "
+        f"expected {HISTORY_BEFORE_LAST_WITH_NEXT!r} (the default) or "
+        f"{HISTORY_BEFORE_LAST!r}")
   return history
 
 
@@ -179,14 +210,72 @@ def available_fields(data_dir: str) -> Optional[List[str]]:
     return list(json.load(f).get("narrative_fields", []))
 
 
+def available_per_item_fields(data_dir: str) -> Optional[List[str]]:
+  """stats.json `per_item_fields` of a prepared dataset (None: no stats)."""
+  path = os.path.join(data_dir, prepared.STATS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return list(json.load(f).get("per_item_fields", []))
+
+
+def _missing_field(data_dir: str, field: str, note: str = ""):
+  """The error naming the dataset's narrative and per-item fields."""
+  return bad_input.BadInputError(
+      os.path.join(data_dir, prepared.STATS_FILE), None,
+      f"no narrative field {field!r}{note}; available narrative fields "
+      f"(narrative_fields): {available_fields(data_dir) or 'none'}, "
+      "per-item fields (per_item_fields, also as 'per_item/<name>'): "
+      f"{available_per_item_fields(data_dir) or 'none'} "
+      "(NARRATIVE_FIELD / NarrativeData.field)")
+
+
 def check_field(data_dir: str, field: str) -> None:
-  """Fails naming the dataset and its fields when it lacks `field`."""
+  """Fails naming the dataset and its fields when it lacks the narrative
+  (user-level) field `field`."""
   fields = available_fields(data_dir)
   if fields is not None and field not in fields:
-    raise bad_input.BadInputError(
-        os.path.join(data_dir, prepared.STATS_FILE), None,
-        f"no narrative field {field!r} (narrative_fields); available: "
-        f"{fields or 'none'} (NARRATIVE_FIELD / NarrativeData.field)")
+    per_item = field.startswith(PER_ITEM_PREFIX) or field in (
+        available_per_item_fields(data_dir) or ())
+    raise _missing_field(
+        data_dir, field, " (a per-item field: narrative tasks only)"
+        if per_item else "")
+
+
+def resolve_field(data_dir: str, field: str) -> str:
+  """The TFRecord key of narrative task field `field`.
+
+  'narrative/<field>' for a narrative field; 'per_item/<name>' for a
+  per-item field named `<name>` or 'per_item/<name>' (a name that is both
+  means the narrative). Without a dataset yet (no stats.json) a bare name is
+  taken as a narrative field.
+
+  Raises:
+    BadInputError: the dataset has no such field; names both kinds.
+  """
+  if not isinstance(field, str) or not field:
+    raise ValueError(f"narrative field={field!r}: expected a non-empty name")
+  if field.startswith(PER_ITEM_PREFIX):
+    name = field[len(PER_ITEM_PREFIX):]
+    per_item = available_per_item_fields(data_dir)
+    if not name or (per_item is not None and name not in per_item):
+      raise _missing_field(data_dir, field)
+    return field
+  fields = available_fields(data_dir)
+  if fields is None or field in fields:
+    return prepared.NARRATIVE_PREFIX + field
+  if field in (available_per_item_fields(data_dir) or ()):
+    return PER_ITEM_PREFIX + field
+  raise _missing_field(data_dir, field)
+
+
+def field_history_mode(data_dir: str, field: str,
+                       history: Optional[str] = None) -> str:
+  """`history_mode` of `field` as `resolve_field` resolves it in
+  `data_dir` (a per-item field defaults to 'before_last_with_next')."""
+  key = resolve_field(data_dir, field)
+  return history_mode(field, history,
+                      per_item=key.startswith(PER_ITEM_PREFIX))
 
 
 def history_and_next(item_ids: np.ndarray, mode: str, max_history: int):
@@ -242,24 +331,46 @@ def _columns_dataset(cols: Mapping[str, np.ndarray], *, shuffle: bool,
   return ds
 
 
-def _read_users(data: prepared.PreparedDataset, field: str):
-  """(user_ids, item_ids per user, narratives) of every user, file order."""
+def _read_users(data: prepared.PreparedDataset, key: str):
+  """(user_ids, item_ids per user, targets) of every user, file order.
+
+  `key` (`resolve_field`): 'narrative/<field>' reads the narrative;
+  'per_item/<name>' the text of the user's last item ('' for a user
+  without the field).
+  """
   full = data.feature_spec()
-  key = prepared.NARRATIVE_PREFIX + field
+  per_item = key.startswith(PER_ITEM_PREFIX)
   spec = {k: full[k] for k in (prepared.USER_ID, prepared.ITEM_IDS, key)}
 
   def parse(records):
     ex = tf.io.parse_example(records, spec)
     ids = tf.RaggedTensor.from_sparse(ex[prepared.ITEM_IDS])
-    return ex[prepared.USER_ID], ids.values, ids.row_lengths(), ex[key]
+    if not per_item:
+      return ex[prepared.USER_ID], ids.values, ids.row_lengths(), ex[key]
+    texts = tf.RaggedTensor.from_sparse(ex[key])
+    return (ex[prepared.USER_ID], ids.values, ids.row_lengths(),
+            texts.values, texts.row_lengths())
   ds = tf.data.TFRecordDataset(data.sequence_files).batch(
       sources.BATCH_SIZE).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
   users, histories, texts = [], [], []
-  for uid, values, lengths, text in ds.as_numpy_iterator():
-    users.extend(u.decode("utf-8") for u in uid)
+  for uid, values, lengths, *text in ds.as_numpy_iterator():
+    batch_users = [u.decode("utf-8") for u in uid]
+    users.extend(batch_users)
     histories.extend(np.split(values, np.cumsum(lengths)[:-1]))
-    texts.extend(t.decode("utf-8") for t in text)
+    if not per_item:
+      texts.extend(t.decode("utf-8") for t in text[0])
+      continue
+    text_values, text_lengths = text
+    ends = np.cumsum(text_lengths)
+    for u, n_items, n_texts, end in zip(batch_users, lengths, text_lengths,
+                                        ends):
+      if n_texts and n_texts != n_items:
+        raise ValueError(
+            f"{data.data_dir}: user {u!r} has {n_texts} {key} texts for "
+            f"{n_items} items; expected one per item (re-run the prepare "
+            "step)")
+      texts.append(text_values[end - 1].decode("utf-8") if n_texts else "")
   return users, histories, texts
 
 
@@ -280,7 +391,9 @@ class NarrativeSource(seqio.DataSource):
                      caching_permitted=True)
     self._data_dir = data_dir
     self._field = field
-    self._history = history_mode(field, history)
+    self._key = resolve_field(data_dir, field)
+    self._history = history_mode(
+        field, history, per_item=self._key.startswith(PER_ITEM_PREFIX))
     self._max_history = int(max_history)
     self._split_fn = split_fn
     self._vocab_path = vocab_path
@@ -308,6 +421,12 @@ class NarrativeSource(seqio.DataSource):
     return self._history
 
   @property
+  def target_key(self) -> str:
+    """The record key of the targets: 'narrative/<field>' or
+    'per_item/<name>' (the last item's text; `resolve_field`)."""
+    return self._key
+
+  @property
   def supports_arbitrary_sharding(self) -> bool:
     return True
 
@@ -315,13 +434,21 @@ class NarrativeSource(seqio.DataSource):
     return [self._data_dir]
 
   def _dataset(self) -> prepared.PreparedDataset:
-    return _open_prepared(self._data_dir, [self._field], self._vocab_path,
+    data = _open_prepared(self._data_dir, (), self._vocab_path,
                           self._prepare_hint)
+    key = resolve_field(self._data_dir, self._field)
+    if key != self._key:  # registered before the dataset existed
+      raise ValueError(
+          f"{self._data_dir}: narrative field {self._field!r} is {key!r} in "
+          f"the dataset but was registered as {self._key!r} before it "
+          f"existed; register the task again (or name it "
+          f"'{PER_ITEM_PREFIX}{self._field}')")
+    return data
 
   def _build(self) -> None:
     data = self._dataset()
     num_items = data.num_items
-    users, histories, texts = _read_users(data, self._field)
+    users, histories, texts = _read_users(data, self._key)
     for u, h in zip(users, histories):
       if len(h) and (h.min() < 1 or h.max() > num_items):
         raise ValueError(f"{self._data_dir}: user {u!r} has item ids outside "
@@ -446,10 +573,14 @@ def register_narrative_task(
     name: prefix of the task name.
     data_dir: prepared dataset with narratives and a SentencePiece model.
     field: narrative field (stats.json `narrative_fields`), e.g.
-      'user_summary', 'purchase_reason', 'endorsement', 'long_summary'.
+      'user_summary', 'purchase_reason', 'endorsement', 'long_summary'; or
+      a per-item field (`per_item_fields`, e.g. 'review_text', spelled
+      bare or 'per_item/review_text'; `resolve_field`): the target is the
+      text of the user's last item.
     max_history: most recent history items kept (`history_items` length).
     history: 'all', 'before_last' or 'before_last_with_next'; None: the
-      default of `field` (`DEFAULT_HISTORY`, else 'all').
+      default of `field` (`DEFAULT_HISTORY`, else 'all'; a per-item field:
+      'before_last_with_next', and 'all' is refused).
     validation_fraction, test_fraction: users held out (`split_users`).
     seed: the user split's, the history shuffle's and `get_dataset`'s seed.
     max_input_len, max_target_len: default lengths of `inputs` / `targets`
@@ -464,19 +595,21 @@ def register_narrative_task(
     shuffle_buffer_size: post-preprocessing shuffle buffer.
 
   Raises:
-    ValueError: a bad argument, or a `field` the dataset (when its
-      stats.json exists) lacks, naming the available fields.
+    ValueError: a bad argument ('all' for a per-item field included), or a
+      `field` the dataset (when its stats.json exists) lacks, naming the
+      available narrative and per-item fields.
   """
   if not isinstance(field, str) or not field:
     raise ValueError(f"narrative field={field!r}: expected a non-empty name")
-  mode = history_mode(field, history)
+  key = resolve_field(data_dir, field)
+  mode = history_mode(field, history,
+                      per_item=key.startswith(PER_ITEM_PREFIX))
   if int(max_history) < 1:
     raise ValueError(f"narrative max_history={max_history}: expected >= 1")
   if max_input_len < 2 or max_target_len < 2:
     raise ValueError(f"max_input_len={max_input_len}, max_target_len="
                      f"{max_target_len}: expected >= 2 (a token and EOS)")
   _check_fractions(validation_fraction, test_fraction)
-  check_field(data_dir, field)
   vocab_file = vocab_path or text_tasks.default_vocab_path(data_dir)
   vocabulary = text_tasks.dataset_vocabulary(
       data_dir, extra_ids=extra_ids, vocab_path=vocab_file, check=False)
@@ -489,7 +622,7 @@ def register_narrative_task(
       titles_in_input=titles_in_input, shuffle_histories=shuffle_histories,
       prepare_hint=prepare_hint)
   config = dict(task="narrative", data_dir=data_dir, field=field,
-                history=mode, max_history=int(max_history),
+                target_key=key, history=mode, max_history=int(max_history),
                 max_input_len=max_input_len, max_target_len=max_target_len,
                 extra_ids=extra_ids, vocab_path=vocab_file, seed=seed,
                 validation_fraction=validation_fraction,

@@ -3,6 +3,7 @@ histories and NarrativeData batches, against NumPy references built from
 the prepared TFRecords."""
 
 import collections
+import json
 import os
 
 import numpy as np
@@ -348,3 +349,235 @@ def test_narrative_data_batches(tiny_data):
       text_data.MODEL_FEATURES) | {"history_items", "next_item"}
   with pytest.raises(KeyError, match="item_ids"):
     data.eval_batches("test", 6, extra_features=("item_ids",))
+
+
+# -- per-item fields (review texts) -------------------------------------------
+
+REVIEW_SPLIT = dict(validation_fraction=0.25, test_fraction=0.25)
+
+
+def _review(u, k):
+  return f"review {k} of user {u}"
+
+
+def _write_reviews(d):
+  """12 users with per-item `review_text` / `review_summary` and narratives
+  `purchase_reason` / `review_summary` (a name of both kinds).
+
+  Last review_text: '' (u3), '   ' (u7), field absent (u9); u5 has one item.
+  Items of a user are distinct, so "not in the history" is checkable.
+  Returns {user_id: (raw item ids, review_text list or None)}.
+  """
+  users, raw = [], {}
+  for u in range(12):
+    n = 1 if u == 5 else 2 + u % 4
+    items = [str(1 + (u + 2 * k) % 11) for k in range(n)]
+    texts = [_review(u, k) for k in range(n)]
+    if u == 3:
+      texts[-1] = ""
+    if u == 7:
+      texts[-1] = "   "
+    per_item = {} if u == 9 else {
+        "review_text": texts,
+        "review_summary": [f"summary {k} of user {u}" for k in range(n)]}
+    users.append(prepared.UserRecord(
+        user_id=f"u{u}", item_ids=items, per_item=per_item,
+        narratives={"purchase_reason": f"reason of user {u}",
+                    "review_summary": f"user-level summary of user {u}"}))
+    raw[f"u{u}"] = (items, None if u == 9 else texts)
+  stats = prepared.write_prepared(d, users, min_interactions=1,
+                                  text_vocab_size=None)
+  assert stats["per_item_fields"] == ["review_summary", "review_text"]
+  assert stats["narrative_fields"] == ["purchase_reason", "review_summary"]
+  return raw
+
+
+@pytest.fixture(name="reviews")
+def _reviews(tmp_path, tiny_data):
+  d = str(tmp_path / "reviews")
+  raw = _write_reviews(d)
+  return d, raw, os.path.join(tiny_data, "spm.model")
+
+
+@pytest.mark.parametrize("field,history,mode", [
+    ("review_text", None, "before_last_with_next"),
+    ("per_item/review_text", None, "before_last_with_next"),
+    ("review_text", "before_last", "before_last")])
+def test_per_item_targets_are_the_last_items_text(reviews, field, history,
+                                                  mode):
+  d, raw, vocab_path = reviews
+  max_history = 3
+  name = narrative_tasks.register_narrative_task(
+      "rv", d, field=field, history=history, max_history=max_history,
+      vocab_path=vocab_path, extra_ids=EXTRA_IDS, **REVIEW_SPLIT)
+  task = seqio.get_mixture_or_task(name)
+  assert task.config["history"] == mode
+  assert task.config["target_key"] == "per_item/review_text"
+  assert task.source.target_key == "per_item/review_text"
+  index = {it["item_id"]: it["index"] for it in prepared.read_items(d)}
+  user_ids = [_text(u["user_id"]) for u in _users(d)]
+  split = narrative_tasks.split_users(len(user_ids), seed=0, **REVIEW_SPLIT)
+  totals = collections.Counter()
+  for s in SPLITS:
+    want = []
+    for p in split[s]:
+      items, texts = raw[user_ids[p]]
+      ids = [index[i] for i in items]
+      if texts is None or not texts[-1].strip() or len(ids) < 2:
+        continue
+      hist = ids[:-1][-max_history:]
+      want.append((user_ids[p], hist + [0] * (max_history - len(hist)),
+                   ids[-1] if mode == "before_last_with_next" else 0,
+                   texts[-1]))
+    got = [(_text(ex["user_id"]), ex["history_items"].tolist(),
+            int(ex["next_item"][0]), _text(ex["targets_pretokenized"]))
+           for ex in _examples(name, s)]
+    assert got == want, s
+    for uid, hist, _, target in got:
+      items, texts = raw[uid]
+      assert target == _review(int(uid[1:]), len(items) - 1)
+      assert index[items[-1]] not in hist  # the reviewed item is not shown
+    totals.update(task.source.stats(s))
+  # u3 (''), u7 ('   ') and u9 (no per-item texts): empty; u5: one item.
+  assert (totals["skipped_empty"], totals["skipped_short_history"],
+          totals["examples"], totals["users"]) == (3, 1, 8, 12)
+
+
+def test_per_item_field_refuses_history_all(reviews):
+  d, _, vocab_path = reviews
+  for field in ("review_text", "per_item/review_summary"):
+    with pytest.raises(ValueError, match=(
+        rf"history='all' for per-item field '{field}'.*"
+        r"'before_last_with_next' \(the default\) or 'before_last'")):
+      narrative_tasks.register_narrative_task(
+          "rv", d, field=field, history="all", vocab_path=vocab_path)
+  with pytest.raises(ValueError, match="per-item field 'review_text'"):
+    narrative_data.NarrativeData("nd", d, field="review_text", history="all",
+                                 vocab_path=vocab_path)
+  # Without a dataset only the explicit spelling is known to be per-item.
+  assert narrative_tasks.history_mode("per_item/x") == "before_last_with_next"
+  assert narrative_tasks.history_mode("x") == "all"
+  with pytest.raises(ValueError, match="per-item field 'per_item/x'"):
+    narrative_tasks.history_mode("per_item/x", "all")
+  # A user-level field keeps 'all'.
+  name = narrative_tasks.register_narrative_task(
+      "rv", d, field="purchase_reason", history="all", vocab_path=vocab_path)
+  assert seqio.get_mixture_or_task(name).config["history"] == "all"
+
+
+def test_name_of_both_kinds_means_the_narrative(reviews):
+  d, raw, vocab_path = reviews
+  assert narrative_tasks.resolve_field(d, "review_summary") == (
+      "narrative/review_summary")
+  assert narrative_tasks.resolve_field(d, "per_item/review_summary") == (
+      "per_item/review_summary")
+  assert narrative_tasks.resolve_field(d, "review_text") == (
+      "per_item/review_text")
+  assert narrative_tasks.resolve_field(d, "purchase_reason") == (
+      "narrative/purchase_reason")
+  kw = dict(vocab_path=vocab_path, extra_ids=EXTRA_IDS,
+            validation_fraction=0.0, test_fraction=0.0)
+  user_level = narrative_tasks.register_narrative_task(
+      "rv", d, field="review_summary", **kw)
+  per_item = narrative_tasks.register_narrative_task(
+      "rv", d, field="per_item/review_summary", **kw)
+  assert (user_level, per_item) == ("rv_narrative_review_summary",
+                                    "rv_narrative_per_item_review_summary")
+  a = seqio.get_mixture_or_task(user_level)
+  b = seqio.get_mixture_or_task(per_item)
+  assert (a.config["history"], b.config["history"]) == (
+      "all", "before_last_with_next")
+  got_a = {_text(ex["user_id"]): _text(ex["targets_pretokenized"])
+           for ex in _examples(user_level, "train")}
+  got_b = {_text(ex["user_id"]): _text(ex["targets_pretokenized"])
+           for ex in _examples(per_item, "train")}
+  assert got_a == {u: f"user-level summary of user {u[1:]}" for u in raw}
+  # Per-item: the last item's summary; u9 has none, u5 has one item.
+  assert got_b == {u: f"summary {len(items) - 1} of user {u[1:]}"
+                   for u, (items, texts) in raw.items()
+                   if texts is not None and len(items) > 1}
+  assert _text(_examples(per_item, "train")[0]["inputs_pretokenized"]) == (
+      "per item review summary:")
+
+
+def test_missing_field_lists_narrative_and_per_item_fields(reviews):
+  d, _, vocab_path = reviews
+  for field in ("nope", "per_item/purchase_reason", "per_item/"):
+    with pytest.raises(ValueError) as e:
+      narrative_tasks.register_narrative_task("rv", d, field=field,
+                                              vocab_path=vocab_path)
+    msg = str(e.value)
+    assert d in msg and repr(field) in msg, msg
+    assert ("available narrative fields (narrative_fields): "
+            "['purchase_reason', 'review_summary'], per-item fields "
+            "(per_item_fields, also as 'per_item/<name>'): "
+            "['review_summary', 'review_text']") in msg, msg
+  # Span corruption reads narratives only; it says why it refuses one.
+  with pytest.raises(ValueError, match=r"'review_text' \(a per-item field: "
+                     r"narrative tasks only\).*\['review_summary', "
+                     r"'review_text'\]"):
+    narrative_tasks.register_narrative_span_corruption(
+        "rv", d, fields=["review_text"], vocab_path=vocab_path)
+
+
+def test_per_item_texts_not_aligned_with_items_fail(tmp_path, tiny_data):
+  d = str(tmp_path / "bad")
+  prepared.write_prepared(d, [
+      prepared.UserRecord(user_id="a", item_ids=["1", "2", "3"],
+                          per_item={"review_text": ["x", "y"]}),
+      prepared.UserRecord(user_id="b", item_ids=["1", "2"],
+                          per_item={"review_text": ["x", "y"]})],
+                          min_interactions=1, text_vocab_size=None)
+  name = narrative_tasks.register_narrative_task(
+      "bad", d, field="review_text", validation_fraction=0.0,
+      test_fraction=0.0, vocab_path=os.path.join(tiny_data, "spm.model"))
+  with pytest.raises(ValueError, match=r"user 'a' has 2 per_item/review_text "
+                     r"texts for 3 items; expected one per item"):
+    _examples(name, "train")
+
+
+def test_narrative_data_over_a_per_item_field(reviews):
+  d, raw, vocab_path = reviews
+  data = narrative_data.NarrativeData(
+      "nd", d, field="review_text", max_history=4, max_input_len=16,
+      max_target_len=16, extra_ids=EXTRA_IDS, vocab_path=vocab_path,
+      **REVIEW_SPLIT)
+  assert data.history_mode == "before_last_with_next"
+  index = {it["item_id"]: it["index"] for it in prepared.read_items(d)}
+  rows = [(_text(u), int(x[0]), _text(t))
+          for split in SPLITS
+          for b in data.eval_batches(split, 4, extra_features=("user_id",))
+          for u, x, t, v in zip(b["user_id"], b["next_item"],
+                                b["targets_pretokenized"], b["valid"]) if v]
+  assert len(rows) == 8
+  for uid, nxt, target in rows:
+    items, texts = raw[uid]
+    assert (nxt, target) == (index[items[-1]], texts[-1])
+
+
+def test_regen_sample_review_task_is_the_users_last_review(tmp_path):
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))), "..", "shared", "data", "regen",
+                      "thirdparty_flattened_office_user_sample.json")
+  if not os.path.exists(path):
+    pytest.skip(f"REGEN sample not present at {path}")
+  from recsys_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "regen")
+  assert prepare.main(["--format=regen", f"--input={path}",
+                       f"--output_dir={out}"]) == 0
+  with open(path) as f:
+    rows = json.load(f)  # one user, already in date order
+  assert "review_text" in narrative_tasks.available_per_item_fields(out)
+  name = narrative_tasks.register_narrative_task(
+      "regen", out, field="review_text", validation_fraction=0.0,
+      test_fraction=0.0, extra_ids=EXTRA_IDS)
+  assert seqio.get_mixture_or_task(name).config["history"] == (
+      "before_last_with_next")
+  (ex,) = _examples(name, "train")
+  index = {it["item_id"]: it["index"] for it in prepared.read_items(out)}
+  ids = [index[r["asin"]] for r in rows]
+  assert _text(ex["user_id"]) == rows[-1]["reviewer_id"]
+  assert _text(ex["targets_pretokenized"]) == rows[-1]["review"]
+  assert int(ex["next_item"][0]) == ids[-1]
+  assert [int(i) for i in ex["history_items"] if i] == ids[:-1]
+  assert _text(ex["inputs_pretokenized"]) == "review text:"

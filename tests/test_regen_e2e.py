@@ -9,8 +9,8 @@ EVAL_NAME) on its checkpoint. What follows from the data alone (the user
 split's counts, the test users and their narratives, the items the ALS fit
 misses) is computed here from the prepared records with NumPy. Bad input
 through the CLI: an unknown narrative field, a missing item-text cache and
-a cache of another item count. Last, the CF-only ablation trains with no
-cache at all.
+a cache of another item count. Last, the soft-token contribution analysis
+through `eval` against NumPy over the trained adapter.
 """
 
 import json
@@ -338,23 +338,53 @@ def test_bad_item_text_cache_error_is_one_line(bad_cache_runs, case):
   assert len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
-# -- the CF-only ablation ------------------------------------------------------
+# -- the soft-token contribution analysis ---------------------------------------
 
 
-def test_cf_only_ablation_needs_no_text_cache(regen_run):
-  model_dir = os.path.join(regen_run.root, "regen_cf")
-  no_cache = os.path.join(regen_run.root, "no_cache_needed")
-  res = _run("recsys_jax.train", regen_run.flags(
-      cache=no_cache, model_dir=model_dir) + [
-          "--gin.builders.item_soft_tokens.sources='cf'",
-          "--gin.TRAIN_STEPS=2", "--gin.EVAL_EVERY=None",
-          f"--gin.BATCH_SIZE={BATCH_SIZE}"]).check()
-  assert f"item tables: CF {CF_DIM}-d from als" in res.stderr
-  assert "item tables: semantic" not in res.stderr
-  assert not os.path.exists(no_cache)
-  assert helpers.checkpoint_steps(model_dir) == [2]
-  soft = helpers.checkpoint_meta(model_dir, 2)["architecture"][
-      "soft_token_module"]
-  assert soft["config"]["sources"] == "cf"
-  assert soft["tables"] == {"num_items": NUM_ITEMS, "cf_dim": CF_DIM,
-                            "semantic_dim": 0}
+def test_contribution_analysis_through_eval(regen_run):
+  """gin/runs/soft_token_contributions.gin: the CF share of every test
+  user's history soft tokens, against NumPy over the checkpoint's adapter."""
+  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
+  res = _run("recsys_jax.eval", regen_run.flags() + [
+      "--gin_file=gin/runs/soft_token_contributions.gin",
+      "--gin.EVAL_NAME='contributions'"]).check()
+  out = os.path.join(regen_run.model_dir, "contributions", "test")
+  with open(os.path.join(out, "contributions.json")) as f:
+    report = json.load(f)
+  with open(regen_run.eval_json("contributions")) as f:
+    summary = json.load(f)["test"]
+  # Every test user's history items (most recent MAX_HISTORY, each
+  # occurrence), from the records.
+  users = _users(regen_run.data_dir)
+  test = _split_positions(len(users))["test"]
+  ids = np.concatenate([np.asarray(users[p]["item_ids"], np.int64)
+                        [-MAX_HISTORY:] for p in test])
+  assert report["num_items"] == summary["num_soft_tokens"] == len(ids)
+  # NumPy: |x_cf W_cf| / (|x_cf W_cf| + |x_sem W_sem|) with the trained
+  # kernels and missing vectors.
+  soft = helpers.restore_state(regen_run.model_dir, STEPS)["params"][
+      "soft_tokens"]
+  tables = item_embeddings.load_item_tables(
+      regen_run.data_dir, cf="als", item_text_cache=regen_run.cache,
+      cf_dim=CF_DIM)
+  norms = {}
+  for src in ("cf", "semantic"):
+    table = np.asarray(getattr(tables, src), np.float64)
+    x = table[ids]
+    missing = np.asarray(getattr(tables, f"{src}_missing"))[ids]
+    x[missing] = soft[f"{src}_missing"]
+    x /= np.sqrt(np.sum(x * x, axis=1, keepdims=True) + 1e-12)
+    norms[src] = np.linalg.norm(x @ soft[f"{src}_proj"]["kernel"], axis=1)
+  share = norms["cf"] / (norms["cf"] + norms["semantic"])
+  np.testing.assert_allclose(summary["cf_share_mean"], share.mean(),
+                             rtol=1e-4)
+  np.testing.assert_allclose(report["cf_share"]["median"],
+                             np.median(share), rtol=1e-4)
+  assert sum(report["cf_share_histogram"]["counts"]) == len(ids)
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    assert summary["png"] is None and "matplotlib" in report["png"]
+  else:
+    assert os.path.exists(os.path.join(out, "cf_share_hist.png"))
+  assert f"{len(ids)} history soft tokens" in res.stdout

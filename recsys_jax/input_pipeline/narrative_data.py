@@ -38,10 +38,13 @@ class NarrativeData(text_data.TextData):
       (`narrative_tasks.task_name(name, field)`).
     data_dir: prepared dataset with narratives and a SentencePiece model.
     field: narrative field, e.g. 'user_summary', 'purchase_reason',
-      'endorsement' (synthetic) or 'long_summary' (REGEN).
+      'endorsement' (synthetic) or 'long_summary' (REGEN); or a per-item
+      field ('review_text' or 'per_item/review_text', REGEN): the text of
+      the user's last item (`narrative_tasks.resolve_field`).
     max_history: history items per row (`history_items` width).
     history: 'all', 'before_last', 'before_last_with_next'; None: the
-      field's default (`narrative_tasks.DEFAULT_HISTORY`).
+      field's default (`narrative_tasks.DEFAULT_HISTORY`; a per-item
+      field: 'before_last_with_next').
     max_input_len, max_target_len: encoder / decoder lengths (EOS included).
     extra_ids: sentinel ids of the vocabulary (as the model's builder).
     seed: the user split's, the history shuffle's and the train stream's.
@@ -67,7 +70,8 @@ class NarrativeData(text_data.TextData):
                prepare_hint: Optional[str] = None):
     self.field = field
     self.max_history = int(max_history)
-    self.history_mode = narrative_tasks.history_mode(field, history)
+    self.history_mode = narrative_tasks.field_history_mode(
+        data_dir, field, history)
     self.titles_in_input = bool(titles_in_input)
     self.shuffle_histories = bool(shuffle_histories)
     super().__init__(
