@@ -223,11 +223,11 @@ def _missing_field(data_dir: str, field: str, note: str = ""):
   """The error naming the dataset's narrative and per-item fields."""
   return bad_input.BadInputError(
       os.path.join(data_dir, prepared.STATS_FILE), None,
-      f"no narrative field {field!r}{note}; available narrative fields "
-      f"(narrative_fields): {available_fields(data_dir) or 'none'}, "
-      "per-item fields (per_item_fields, also as 'per_item/<name>'): "
-      f"{available_per_item_fields(data_dir) or 'none'} "
-      "(NARRATIVE_FIELD / NarrativeData.field)")
+      f"no narrative field {field!r}{note}; narrative fields available: "
+      f"{available_fields(data_dir) or 'none'} (narrative_fields), "
+      "per-item fields available: "
+      f"{available_per_item_fields(data_dir) or 'none'} (per_item_fields, "
+      "also as 'per_item/<name>') (NARRATIVE_FIELD / NarrativeData.field)")
 
 
 def check_field(data_dir: str, field: str) -> None:

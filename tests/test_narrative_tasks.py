@@ -508,10 +508,10 @@ def test_missing_field_lists_narrative_and_per_item_fields(reviews):
                                               vocab_path=vocab_path)
     msg = str(e.value)
     assert d in msg and repr(field) in msg, msg
-    assert ("available narrative fields (narrative_fields): "
-            "['purchase_reason', 'review_summary'], per-item fields "
-            "(per_item_fields, also as 'per_item/<name>'): "
-            "['review_summary', 'review_text']") in msg, msg
+    assert ("narrative fields available: ['purchase_reason', "
+            "'review_summary'] (narrative_fields), per-item fields "
+            "available: ['review_summary', 'review_text'] (per_item_fields, "
+            "also as 'per_item/<name>')") in msg, msg
   # Span corruption reads narratives only; it says why it refuses one.
   with pytest.raises(ValueError, match=r"'review_text' \(a per-item field: "
                      r"narrative tasks only\).*\['review_summary', "
