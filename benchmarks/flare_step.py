@@ -17,45 +17,12 @@ per item. Run it alone on a quiet core.
 import argparse
 import os
 import sys
-import time
-
-import flax.linen as nn
-import jax
-import numpy as np
-import optax
 
 from benchmarks.common import machine
+from benchmarks.common import train_step
 from recsys_jax.input_pipeline import sequence_data
 from recsys_jax.model_lib import builders
 from recsys_jax.text import item_text_cache
-
-
-def _step_fn(model):
-  tx = optax.adamw(1e-3)
-
-  def step(params, opt_state, batch, rng):
-    (loss, _), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-        params, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
-def _time(model, batches, reps):
-  params = nn.meta.unbox(
-      model.get_initial_variables(jax.random.PRNGKey(0))["params"])
-  tx, step = _step_fn(model)
-  opt_state = tx.init(params)
-  rng = jax.random.PRNGKey(1)
-  params, opt_state, loss = step(params, opt_state, batches[0], rng)
-  jax.block_until_ready(loss)
-  start = time.perf_counter()
-  for i in range(reps):
-    params, opt_state, loss = step(params, opt_state,
-                                   batches[i % len(batches)],
-                                   jax.random.fold_in(rng, i))
-  jax.block_until_ready(loss)
-  return (time.perf_counter() - start) / reps
 
 
 def main(argv=None):
@@ -94,7 +61,7 @@ def main(argv=None):
   times = {name: [] for name in models}
   for r in range(args.rounds):
     for name, model in models.items():
-      sec = _time(model, batches, args.reps)
+      sec = train_step.seconds_per_step(model, batches, args.reps)
       times[name].append(sec)
       print(f"round {r + 1}: {name} {sec * 1e3:.1f} ms/step", flush=True)
   summary = {name: machine.stats(v) for name, v in times.items()}

@@ -21,12 +21,11 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
-import optax
 
 from benchmarks.common import machine
+from benchmarks.common import train_step
 from recsys_jax.input_pipeline import narrative_data
 from recsys_jax.input_pipeline import text_data
 from recsys_jax.model_lib import builders
@@ -35,40 +34,8 @@ T5_SIZES = dict(d_model=128, num_heads=4, d_kv=32, d_ff=512,
                 num_encoder_layers=3, num_decoder_layers=3, dropout_rate=0.1)
 
 
-def _step_fn(model):
-  tx = optax.adamw(1e-3)
-
-  def step(params, opt_state, batch, rng):
-    (loss, _), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-        params, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
-def _params(model):
-  return nn.meta.unbox(
-      model.get_initial_variables(jax.random.PRNGKey(0))["params"])
-
-
-def _time_train(model, batches, reps):
-  params = _params(model)
-  tx, step = _step_fn(model)
-  opt_state = tx.init(params)
-  rng = jax.random.PRNGKey(1)
-  params, opt_state, loss = step(params, opt_state, batches[0], rng)
-  jax.block_until_ready(loss)
-  start = time.perf_counter()
-  for i in range(reps):
-    params, opt_state, loss = step(params, opt_state,
-                                   batches[i % len(batches)],
-                                   jax.random.fold_in(rng, i))
-  jax.block_until_ready(loss)
-  return (time.perf_counter() - start) / reps
-
-
 def _time_generate(model, batch, num_beams, decode_len, reps):
-  params = _params(model)
+  params = train_step.initial_params(model)
   fn = jax.jit(lambda p, b: model.predict_batch(
       p, b, num_beams=num_beams, max_decode_len=decode_len))
   jax.block_until_ready(fn(params, batch))
@@ -111,7 +78,7 @@ def main(argv=None):
   train = {name: [] for name in models}
   for r in range(args.rounds):
     for name, model in models.items():
-      sec = _time_train(model, batches, args.reps)
+      sec = train_step.seconds_per_step(model, batches, args.reps)
       train[name].append(sec)
       print(f"round {r + 1}: train {name} {sec * 1e3:.1f} ms/step "
             f"({target_tokens / sec:.0f} target tokens/s)", flush=True)

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-exec "$PYTHON" -m pytest -q -n 2 --durations=15 tests "$@"
+# --dist loadscope: all tests of a module run on one worker, so a module's
+# shared fixture (a multi-process training, an end-to-end pipeline) is built
+# once, not once per worker.
+exec "$PYTHON" -m pytest -q -n 2 --dist loadscope --durations=15 tests "$@"

@@ -153,39 +153,23 @@ def prompt(field: str) -> str:
 
 
 def _check_fractions(validation_fraction: float, test_fraction: float):
-  for what, f in (("validation_fraction", validation_fraction),
-                  ("test_fraction", test_fraction)):
-    if not 0.0 <= f < 1.0:
-      raise ValueError(f"narrative {what}={f}: expected [0, 1)")
-  if validation_fraction + test_fraction >= 1.0:
-    raise ValueError(f"narrative validation_fraction={validation_fraction} + "
-                     f"test_fraction={test_fraction} >= 1 leaves no user "
-                     "for training")
+  text_tasks.check_fractions(validation_fraction, test_fraction, unit="user",
+                             prefix="narrative ")
 
 
 def split_users(num_users: int, *, seed: int, validation_fraction: float,
                 test_fraction: float) -> Dict[str, np.ndarray]:
   """Disjoint user positions (0..U-1 in file order, sorted) per split.
 
-  The counting rules of `text_tasks.split_items`: round(fraction * U)
-  users each go to test and validation (at least one each when the fraction
-  is > 0), the rest to train; a seeded permutation picks them.
+  The counting rules of `text_tasks.split_items` (`text_tasks.split_indices`
+  with the user stream): round(fraction * U) users each go to test and
+  validation (at least one each when the fraction is > 0), the rest to
+  train; a seeded permutation picks them.
   """
-  _check_fractions(validation_fraction, test_fraction)
-
-  def count(f):
-    return max(1, int(round(f * num_users))) if f > 0 else 0
-  n_test, n_val = count(test_fraction), count(validation_fraction)
-  if n_test + n_val >= num_users:
-    raise ValueError(
-        f"narrative validation_fraction={validation_fraction} and "
-        f"test_fraction={test_fraction} leave no training user out of "
-        f"{num_users}")
-  perm = np.random.default_rng([int(seed), _USER_SPLIT_STREAM]).permutation(
-      num_users)
-  return {"test": np.sort(perm[:n_test]),
-          "validation": np.sort(perm[n_test:n_test + n_val]),
-          "train": np.sort(perm[n_test + n_val:])}
+  return text_tasks.split_indices(
+      num_users, seed=seed, stream=_USER_SPLIT_STREAM,
+      validation_fraction=validation_fraction, test_fraction=test_fraction,
+      unit="user", prefix="narrative ")
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -201,22 +185,23 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
   return perm
 
 
-def available_fields(data_dir: str) -> Optional[List[str]]:
-  """stats.json `narrative_fields` of a prepared dataset (None: no stats)."""
+def _stats_list(data_dir: str, key: str) -> Optional[List[str]]:
+  """stats.json `key` (a list) of a prepared dataset (None: no stats)."""
   path = os.path.join(data_dir, prepared.STATS_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return list(json.load(f).get("narrative_fields", []))
+    return list(json.load(f).get(key, []))
+
+
+def available_fields(data_dir: str) -> Optional[List[str]]:
+  """stats.json `narrative_fields` of a prepared dataset (None: no stats)."""
+  return _stats_list(data_dir, "narrative_fields")
 
 
 def available_per_item_fields(data_dir: str) -> Optional[List[str]]:
   """stats.json `per_item_fields` of a prepared dataset (None: no stats)."""
-  path = os.path.join(data_dir, prepared.STATS_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return list(json.load(f).get("per_item_fields", []))
+  return _stats_list(data_dir, "per_item_fields")
 
 
 def _missing_field(data_dir: str, field: str, note: str = ""):
@@ -298,11 +283,7 @@ def history_and_next(item_ids: np.ndarray, mode: str, max_history: int):
 def _open_prepared(data_dir: str, fields: Sequence[str], vocab_path: str,
                    prepare_hint: str) -> prepared.PreparedDataset:
   """The prepared dataset, checked to have `fields` and its vocabulary."""
-  if not os.path.exists(os.path.join(data_dir, prepared.STATS_FILE)):
-    raise FileNotFoundError(
-        f"{data_dir}: no prepared dataset here (missing "
-        f"{prepared.STATS_FILE}). Create it first with:\n  "
-        + prepare_hint.format(data_dir=data_dir))
+  text_tasks.check_prepared(data_dir, prepare_hint)
   data = prepared.PreparedDataset(data_dir)
   if not data.sequence_files:
     raise FileNotFoundError(
@@ -312,23 +293,6 @@ def _open_prepared(data_dir: str, fields: Sequence[str], vocab_path: str,
     check_field(data_dir, field)
   text_tasks.dataset_vocabulary(data_dir, vocab_path=vocab_path, check=True)
   return data
-
-
-def _columns_dataset(cols: Mapping[str, np.ndarray], *, shuffle: bool,
-                     seed: Optional[int],
-                     shard_info: Optional[seqio.ShardInfo]
-                     ) -> tf.data.Dataset:
-  """Examples of numpy columns (object columns as strings), in row order
-  (shuffled when asked, over the whole shard)."""
-  ds = tf.data.Dataset.from_tensor_slices(
-      {k: (tf.constant(v.astype(str).tolist(), tf.string, shape=[len(v)])
-           if v.dtype == object else v) for k, v in cols.items()})
-  if shard_info is not None:
-    ds = ds.shard(shard_info.num_shards, shard_info.index)
-  if shuffle:
-    n = max(1, len(cols[USER_ID]))
-    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-  return ds
 
 
 def _read_users(data: prepared.PreparedDataset, key: str):
@@ -374,43 +338,36 @@ def _read_users(data: prepared.PreparedDataset, key: str):
   return users, histories, texts
 
 
-class NarrativeSource(seqio.DataSource):
+class NarrativeSource(text_tasks.ColumnsSource):
   """One example per user of a split with a non-empty narrative.
 
   Every user record is read once, at the first `get_dataset` /
   `num_input_examples` / `columns` / `stats`, into numpy columns (module
-  docstring) for the three splits.
+  docstring) for the three splits; examples come in user file order.
   """
+
+  COUNT_COLUMN = USER_ID
 
   def __init__(self, data_dir: str, *, field: str, history: str,
                max_history: int, split_fn: Callable[[int], Mapping[
                    str, np.ndarray]], vocab_path: str, seed: int = 0,
                titles_in_input: bool = False, shuffle_histories: bool = False,
                prepare_hint: Optional[str] = None):
-    super().__init__(splits=sources.SPLITS, num_input_examples=None,
-                     caching_permitted=True)
-    self._data_dir = data_dir
+    super().__init__(data_dir, split_fn=split_fn, vocab_path=vocab_path,
+                     prepare_hint=prepare_hint)
     self._field = field
     self._key = resolve_field(data_dir, field)
     self._history = history_mode(
         field, history, per_item=self._key.startswith(PER_ITEM_PREFIX))
     self._max_history = int(max_history)
-    self._split_fn = split_fn
-    self._vocab_path = vocab_path
     self._seed = int(seed)
     self._titles_in_input = bool(titles_in_input)
     self._shuffle_histories = bool(shuffle_histories)
-    self._prepare_hint = prepare_hint or PREPARE_HINT
-    self._columns: Optional[Dict[str, Dict[str, np.ndarray]]] = None
     self._stats: Dict[str, Dict[str, int]] = {}
 
   def __str__(self):
     return (f"NarrativeSource({self._field}, history={self._history}, "
             f"{self._data_dir})")
-
-  @property
-  def data_dir(self) -> str:
-    return self._data_dir
 
   @property
   def field(self) -> str:
@@ -426,13 +383,6 @@ class NarrativeSource(seqio.DataSource):
     'per_item/<name>' (the last item's text; `resolve_field`)."""
     return self._key
 
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [self._data_dir]
-
   def _dataset(self) -> prepared.PreparedDataset:
     data = _open_prepared(self._data_dir, (), self._vocab_path,
                           self._prepare_hint)
@@ -445,7 +395,8 @@ class NarrativeSource(seqio.DataSource):
           f"'{PER_ITEM_PREFIX}{self._field}')")
     return data
 
-  def _build(self) -> None:
+  def _build(self, split: str) -> None:
+    del split  # every split at once
     data = self._dataset()
     num_items = data.num_items
     users, histories, texts = _read_users(data, self._key)
@@ -515,15 +466,6 @@ class NarrativeSource(seqio.DataSource):
       text += sep + NEXT_PREFIX + titles[int(nxt)]
     return text
 
-  def columns(self, split: str) -> Mapping[str, np.ndarray]:
-    """The split's examples as numpy columns (all splits built once)."""
-    if split not in sources.SPLITS:
-      raise ValueError(f"unknown split {split!r}; expected one of "
-                       f"{sources.SPLITS}")
-    if self._columns is None:
-      self._build()
-    return self._columns[split]
-
   def stats(self, split: str) -> Dict[str, int]:
     """{'users', 'examples', 'skipped_empty', 'skipped_short_history'}.
 
@@ -533,19 +475,36 @@ class NarrativeSource(seqio.DataSource):
     self.columns(split)
     return dict(self._stats[split])
 
-  def num_input_examples(self, split: str) -> int:
-    return len(self.columns(split)[USER_ID])
 
-  def get_dataset(self, split: str = "train", shuffle: bool = True,
-                  seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *,
-                  sequence_length: Optional[Mapping[str, int]] = None,
-                  use_cached: bool = False,
-                  num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-    """The split's examples in user file order (shuffled when asked)."""
-    del sequence_length, use_cached, num_epochs
-    return _columns_dataset(self.columns(split), shuffle=shuffle, seed=seed,
-                            shard_info=shard_info)
+def _vocabulary_and_split(data_dir: str, *, extra_ids: int,
+                          vocab_path: Optional[str], seed: int,
+                          validation_fraction: float, test_fraction: float):
+  """(vocabulary file, vocabulary, user split function) of a registration.
+
+  Checks the fractions; reads nothing (the vocabulary loads at first use).
+  """
+  _check_fractions(validation_fraction, test_fraction)
+  vocab_file = vocab_path or text_tasks.default_vocab_path(data_dir)
+  vocabulary = text_tasks.dataset_vocabulary(
+      data_dir, extra_ids=extra_ids, vocab_path=vocab_file, check=False)
+  split_fn = functools.partial(split_users, seed=seed,
+                               validation_fraction=validation_fraction,
+                               test_fraction=test_fraction)
+  return vocab_file, vocabulary, split_fn
+
+
+def _add_task(full_name: str, source: seqio.DataSource,
+              vocabulary: seqio.Vocabulary, preprocessors: Sequence[Callable],
+              *, shuffle_buffer_size: int, seed: int,
+              config: Mapping[str, object]) -> str:
+  """Registers (replacing) `full_name`, a SequenceTask; returns the name."""
+  seqio.TaskRegistry.remove(full_name)
+  seqio.TaskRegistry.add(
+      full_name, source=source,
+      output_features=text_tasks.output_features(vocabulary),
+      preprocessors=preprocessors, shuffle_buffer_size=shuffle_buffer_size,
+      task_cls=sequence_tasks.SequenceTask, default_seed=seed, config=config)
+  return full_name
 
 
 def register_narrative_task(
@@ -609,13 +568,9 @@ def register_narrative_task(
   if max_input_len < 2 or max_target_len < 2:
     raise ValueError(f"max_input_len={max_input_len}, max_target_len="
                      f"{max_target_len}: expected >= 2 (a token and EOS)")
-  _check_fractions(validation_fraction, test_fraction)
-  vocab_file = vocab_path or text_tasks.default_vocab_path(data_dir)
-  vocabulary = text_tasks.dataset_vocabulary(
-      data_dir, extra_ids=extra_ids, vocab_path=vocab_file, check=False)
-  split_fn = functools.partial(split_users, seed=seed,
-                               validation_fraction=validation_fraction,
-                               test_fraction=test_fraction)
+  vocab_file, vocabulary, split_fn = _vocabulary_and_split(
+      data_dir, extra_ids=extra_ids, vocab_path=vocab_path, seed=seed,
+      validation_fraction=validation_fraction, test_fraction=test_fraction)
   source = NarrativeSource(
       data_dir, field=field, history=mode, max_history=max_history,
       split_fn=split_fn, vocab_path=vocab_file, seed=seed,
@@ -628,16 +583,11 @@ def register_narrative_task(
                 validation_fraction=validation_fraction,
                 test_fraction=test_fraction, titles_in_input=titles_in_input,
                 shuffle_histories=shuffle_histories)
-  full_name = task_name(name, field)
-  seqio.TaskRegistry.remove(full_name)
-  seqio.TaskRegistry.add(
-      full_name, source=source,
-      output_features=text_tasks.output_features(vocabulary),
-      preprocessors=[seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      shuffle_buffer_size=shuffle_buffer_size,
-      task_cls=sequence_tasks.SequenceTask, default_seed=seed, config=config)
-  return full_name
+  return _add_task(task_name(name, field), source, vocabulary,
+                   [seqio.preprocessors.tokenize,
+                    seqio.preprocessors.append_eos_after_trim],
+                   shuffle_buffer_size=shuffle_buffer_size, seed=seed,
+                   config=config)
 
 
 # -- span corruption over the narratives (LM pretraining) ---------------------
@@ -668,12 +618,13 @@ def _read_narratives(data: prepared.PreparedDataset, fields: Sequence[str]):
   return users, texts
 
 
-class NarrativeCorpusSource(seqio.DataSource):
+class NarrativeCorpusSource(text_tasks.ColumnsSource):
   """One example per (user, field) non-empty narrative of a split's users.
 
   Columns `user_id`, `field` and `targets` (the narrative), users in file
   order and, per user, `fields` in order. Every user record is read once, at
   the first `get_dataset` / `num_input_examples` / `columns` / `stats`.
+  `get_dataset` gives the examples in that order (shuffled when asked).
 
   Args:
     data_dir: prepared dataset with narratives and a SentencePiece model.
@@ -684,26 +635,19 @@ class NarrativeCorpusSource(seqio.DataSource):
     prepare_hint: command printed when the dataset is missing.
   """
 
+  COUNT_COLUMN = USER_ID
+
   def __init__(self, data_dir: str, *, fields: Optional[Sequence[str]],
                split_fn: Callable[[int], Mapping[str, np.ndarray]],
                vocab_path: str, prepare_hint: Optional[str] = None):
-    super().__init__(splits=sources.SPLITS, num_input_examples=None,
-                     caching_permitted=True)
-    self._data_dir = data_dir
+    super().__init__(data_dir, split_fn=split_fn, vocab_path=vocab_path,
+                     prepare_hint=prepare_hint)
     self._fields = tuple(fields) if fields is not None else None
-    self._split_fn = split_fn
-    self._vocab_path = vocab_path
-    self._prepare_hint = prepare_hint or PREPARE_HINT
-    self._columns: Optional[Dict[str, Dict[str, np.ndarray]]] = None
     self._stats: Dict[str, Dict[str, int]] = {}
 
   def __str__(self):
     return (f"NarrativeCorpusSource({', '.join(self._fields or ('all',))}, "
             f"{self._data_dir})")
-
-  @property
-  def data_dir(self) -> str:
-    return self._data_dir
 
   @property
   def fields(self) -> Tuple[str, ...]:
@@ -719,14 +663,8 @@ class NarrativeCorpusSource(seqio.DataSource):
       self._fields = tuple(fields)
     return self._fields
 
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [self._data_dir]
-
-  def _build(self) -> None:
+  def _build(self, split: str) -> None:
+    del split  # every split at once
     fields = self.fields
     data = _open_prepared(self._data_dir, fields, self._vocab_path,
                           self._prepare_hint)
@@ -754,34 +692,11 @@ class NarrativeCorpusSource(seqio.DataSource):
             file=sys.stderr, flush=True)
     self._columns = columns
 
-  def columns(self, split: str) -> Mapping[str, np.ndarray]:
-    """The split's narratives as numpy columns (all splits built once)."""
-    if split not in sources.SPLITS:
-      raise ValueError(f"unknown split {split!r}; expected one of "
-                       f"{sources.SPLITS}")
-    if self._columns is None:
-      self._build()
-    return self._columns[split]
-
   def stats(self, split: str) -> Dict[str, int]:
     """{'users', 'examples', 'skipped_empty'}: examples + skipped_empty is
     users x fields (one count per (user, field) pair)."""
     self.columns(split)
     return dict(self._stats[split])
-
-  def num_input_examples(self, split: str) -> int:
-    return len(self.columns(split)[USER_ID])
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True,
-                  seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *,
-                  sequence_length: Optional[Mapping[str, int]] = None,
-                  use_cached: bool = False,
-                  num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-    """The split's narratives in user file order (shuffled when asked)."""
-    del sequence_length, use_cached, num_epochs
-    return _columns_dataset(self.columns(split), shuffle=shuffle, seed=seed,
-                            shard_info=shard_info)
 
 
 def register_narrative_span_corruption(
@@ -861,13 +776,9 @@ def register_narrative_span_corruption(
   if mean_noise_span_length < 1.0:
     raise ValueError(f"mean_noise_span_length={mean_noise_span_length}: "
                      "expected >= 1")
-  _check_fractions(validation_fraction, test_fraction)
-  vocab_file = vocab_path or text_tasks.default_vocab_path(data_dir)
-  vocabulary = text_tasks.dataset_vocabulary(
-      data_dir, extra_ids=extra_ids, vocab_path=vocab_file, check=False)
-  split_fn = functools.partial(split_users, seed=seed,
-                               validation_fraction=validation_fraction,
-                               test_fraction=test_fraction)
+  vocab_file, vocabulary, split_fn = _vocabulary_and_split(
+      data_dir, extra_ids=extra_ids, vocab_path=vocab_path, seed=seed,
+      validation_fraction=validation_fraction, test_fraction=test_fraction)
   source = NarrativeCorpusSource(data_dir, fields=fields, split_fn=split_fn,
                                  vocab_path=vocab_file,
                                  prepare_hint=prepare_hint)
@@ -885,11 +796,6 @@ def register_narrative_span_corruption(
                mean_noise_span_length=mean_noise_span_length,
                max_tokens=max_tokens),
            seqio.preprocessors.append_eos_after_trim]
-  full_name = span_corruption_task_name(name)
-  seqio.TaskRegistry.remove(full_name)
-  seqio.TaskRegistry.add(
-      full_name, source=source,
-      output_features=text_tasks.output_features(vocabulary),
-      preprocessors=steps, shuffle_buffer_size=shuffle_buffer_size,
-      task_cls=sequence_tasks.SequenceTask, default_seed=seed, config=config)
-  return full_name
+  return _add_task(span_corruption_task_name(name), source, vocabulary,
+                   steps, shuffle_buffer_size=shuffle_buffer_size, seed=seed,
+                   config=config)

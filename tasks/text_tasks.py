@@ -105,15 +105,60 @@ def dataset_vocabulary(data_dir: str, *, extra_ids: int = DEFAULT_EXTRA_IDS,
   return seqio.SentencePieceVocabulary(path, extra_ids=int(extra_ids))
 
 
-def _check_fractions(validation_fraction: float, test_fraction: float):
+def check_fractions(validation_fraction: float, test_fraction: float, *,
+                    unit: str = "item", prefix: str = "") -> None:
+  """Fails unless both fractions are in [0, 1) and leave training `unit`s.
+
+  Args:
+    validation_fraction, test_fraction: held-out shares.
+    unit: what is split ('item', 'user'), named in the error.
+    prefix: the error's opening ('narrative '), naming the caller.
+  """
   for what, f in (("validation_fraction", validation_fraction),
                   ("test_fraction", test_fraction)):
     if not 0.0 <= f < 1.0:
-      raise ValueError(f"{what}={f}: expected [0, 1)")
+      raise ValueError(f"{prefix}{what}={f}: expected [0, 1)")
   if validation_fraction + test_fraction >= 1.0:
-    raise ValueError(f"validation_fraction={validation_fraction} + "
-                     f"test_fraction={test_fraction} >= 1 leaves no item "
+    raise ValueError(f"{prefix}validation_fraction={validation_fraction} + "
+                     f"test_fraction={test_fraction} >= 1 leaves no {unit} "
                      "for training")
+
+
+def split_indices(n: int, *, seed: int, stream: int,
+                  validation_fraction: float, test_fraction: float,
+                  unit: str = "item", prefix: str = ""
+                  ) -> Dict[str, np.ndarray]:
+  """Disjoint positions 0..n-1 (sorted) per split, a seeded permutation.
+
+  round(fraction * n) positions each go to test and validation (at least one
+  each when the fraction is > 0), the rest to train; the permutation is
+  `np.random.default_rng([seed, stream])`'s.
+
+  Args:
+    n: how many positions are split.
+    seed: the split's seed.
+    stream: the caller's stream (one per kind of split, so that an item split
+      and a user split of the same seed are independent).
+    validation_fraction, test_fraction: held-out shares (`check_fractions`).
+    unit, prefix: name what is split and the caller in errors.
+
+  Returns:
+    {'test', 'validation', 'train'}: sorted int64 positions.
+  """
+  check_fractions(validation_fraction, test_fraction, unit=unit,
+                  prefix=prefix)
+
+  def count(f):
+    return max(1, int(round(f * n))) if f > 0 else 0
+  n_test, n_val = count(test_fraction), count(validation_fraction)
+  if n_test + n_val >= n:
+    raise ValueError(
+        f"{prefix}validation_fraction={validation_fraction} and "
+        f"test_fraction={test_fraction} leave no training {unit} out of {n}")
+  perm = np.random.default_rng([int(seed), int(stream)]).permutation(n)
+  return {"test": np.sort(perm[:n_test]),
+          "validation": np.sort(perm[n_test:n_test + n_val]),
+          "train": np.sort(perm[n_test + n_val:])}
 
 
 def split_items(num_items: int, *, seed: int, validation_fraction: float,
@@ -121,49 +166,67 @@ def split_items(num_items: int, *, seed: int, validation_fraction: float,
   """Disjoint item indices (1..N, sorted) per split, a seeded permutation.
 
   round(fraction * N) items each go to test and validation (at least one
-  each when the fraction is > 0), the rest to train.
+  each when the fraction is > 0), the rest to train (`split_indices`).
   """
-  _check_fractions(validation_fraction, test_fraction)
-
-  def count(f):
-    return max(1, int(round(f * num_items))) if f > 0 else 0
-  n_test, n_val = count(test_fraction), count(validation_fraction)
-  if n_test + n_val >= num_items:
-    raise ValueError(
-        f"validation_fraction={validation_fraction} and test_fraction="
-        f"{test_fraction} leave no training item out of {num_items}")
-  perm = np.random.default_rng([int(seed), _ITEM_SPLIT_STREAM]).permutation(
-      num_items) + 1
-  return {"test": np.sort(perm[:n_test]),
-          "validation": np.sort(perm[n_test:n_test + n_val]),
-          "train": np.sort(perm[n_test + n_val:])}
+  split = split_indices(num_items, seed=seed, stream=_ITEM_SPLIT_STREAM,
+                        validation_fraction=validation_fraction,
+                        test_fraction=test_fraction)
+  return {k: v + 1 for k, v in split.items()}
 
 
-class ItemTextSource(seqio.DataSource):
-  """One example per item of a split, built from items.jsonl on first use.
+def check_prepared(data_dir: str, prepare_hint: Optional[str] = None) -> None:
+  """Fails naming the command that makes it when `data_dir` has no
+  prepared dataset (no stats.json)."""
+  if not os.path.exists(os.path.join(data_dir, prepared.STATS_FILE)):
+    raise FileNotFoundError(
+        f"{data_dir}: no prepared dataset here (missing "
+        f"{prepared.STATS_FILE}). Create it first with:\n  "
+        + (prepare_hint or PREPARE_HINT).format(data_dir=data_dir))
 
-  `make_examples(data_dir, items)` returns columns (equal-length lists, one
-  of them `item_index`) for the given item indices, leaving out items
-  without text. The directory is read at `get_dataset` /
-  `num_input_examples` time.
+
+def columns_dataset(cols: Mapping[str, np.ndarray], *, shuffle: bool,
+                    seed: Optional[int],
+                    shard_info: Optional[seqio.ShardInfo]
+                    ) -> tf.data.Dataset:
+  """Examples of equal-length numpy columns (object columns as strings), in
+  row order (shuffled when asked, over the whole shard)."""
+  ds = tf.data.Dataset.from_tensor_slices(
+      {k: (tf.constant(v.astype(str).tolist(), tf.string, shape=[len(v)])
+           if v.dtype == object else v) for k, v in cols.items()})
+  if shard_info is not None:
+    ds = ds.shard(shard_info.num_shards, shard_info.index)
+  if shuffle:
+    n = max(1, len(next(iter(cols.values()))))
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+  return ds
+
+
+class ColumnsSource(seqio.DataSource):
+  """A source of in-memory numpy columns per split, built on first use.
+
+  Subclasses fill `self._columns[split]` in `_build(split)` (that split or
+  all at once) and name in `COUNT_COLUMN` a column with one entry per
+  example. The directory is read at `get_dataset` / `num_input_examples` /
+  `columns` time, never at construction.
+
+  Args:
+    data_dir: the prepared dataset.
+    split_fn: row count -> {split: rows} (`split_indices` and its callers).
+    vocab_path: SentencePiece model of the dataset.
+    prepare_hint: command printed when the dataset is missing.
   """
+
+  COUNT_COLUMN = ""
 
   def __init__(self, data_dir: str, *, split_fn: Callable[[int], Mapping[
-      str, np.ndarray]], make_examples: Callable[[str, np.ndarray], Mapping[
-          str, list]], vocab_path: str, prepare_hint: Optional[str] = None,
-               description: str = "item texts"):
+      str, np.ndarray]], vocab_path: str, prepare_hint: Optional[str] = None):
     super().__init__(splits=sources.SPLITS, num_input_examples=None,
                      caching_permitted=True)
     self._data_dir = data_dir
     self._split_fn = split_fn
-    self._make_examples = make_examples
     self._vocab_path = vocab_path
     self._prepare_hint = prepare_hint or PREPARE_HINT
-    self._description = description
     self._columns: Dict[str, Mapping[str, np.ndarray]] = {}
-
-  def __str__(self):
-    return f"ItemTextSource({self._description}, {self._data_dir})"
 
   @property
   def data_dir(self) -> str:
@@ -176,28 +239,20 @@ class ItemTextSource(seqio.DataSource):
   def list_shards(self, split: str) -> Sequence[str]:
     return [self._data_dir]
 
+  def _build(self, split: str) -> None:
+    raise NotImplementedError
+
   def columns(self, split: str) -> Mapping[str, np.ndarray]:
-    """The split's examples as numpy columns (memoised)."""
+    """The split's examples as numpy columns (built once)."""
     if split not in sources.SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of "
                        f"{sources.SPLITS}")
     if split not in self._columns:
-      if not os.path.exists(os.path.join(self._data_dir, prepared.STATS_FILE)):
-        raise FileNotFoundError(
-            f"{self._data_dir}: no prepared dataset here (missing "
-            f"{prepared.STATS_FILE}). Create it first with:\n  "
-            + self._prepare_hint.format(data_dir=self._data_dir))
-      _check_vocab_file(self._vocab_path, self._data_dir)
-      num_items = prepared.PreparedDataset(self._data_dir).num_items
-      items = self._split_fn(num_items)[split]
-      cols = self._make_examples(self._data_dir, items)
-      self._columns[split] = {
-          k: np.asarray(v, object if k != ITEM_INDEX else np.int32)
-          for k, v in cols.items()}
+      self._build(split)
     return self._columns[split]
 
   def num_input_examples(self, split: str) -> int:
-    return len(self.columns(split)[ITEM_INDEX])
+    return len(self.columns(split)[self.COUNT_COLUMN])
 
   def get_dataset(self, split: str = "train", shuffle: bool = True,
                   seed: Optional[int] = None,
@@ -205,18 +260,44 @@ class ItemTextSource(seqio.DataSource):
                   sequence_length: Optional[Mapping[str, int]] = None,
                   use_cached: bool = False,
                   num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-    """The split's examples in item order (shuffled when asked)."""
+    """The split's examples in row order (shuffled when asked)."""
     del sequence_length, use_cached, num_epochs
-    cols = self.columns(split)
-    ds = tf.data.Dataset.from_tensor_slices(
-        {k: (tf.constant(v.astype(str).tolist(), tf.string)
-             if v.dtype == object else v) for k, v in cols.items()})
-    if shard_info is not None:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    if shuffle:
-      n = max(1, len(cols[ITEM_INDEX]))
-      ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return ds
+    return columns_dataset(self.columns(split), shuffle=shuffle, seed=seed,
+                           shard_info=shard_info)
+
+
+class ItemTextSource(ColumnsSource):
+  """One example per item of a split, built from items.jsonl on first use.
+
+  `make_examples(data_dir, items)` returns columns (equal-length lists, one
+  of them `item_index`) for the given item indices, leaving out items
+  without text. The directory is read at `get_dataset` /
+  `num_input_examples` time; examples come in item order.
+  """
+
+  COUNT_COLUMN = ITEM_INDEX
+
+  def __init__(self, data_dir: str, *, split_fn: Callable[[int], Mapping[
+      str, np.ndarray]], make_examples: Callable[[str, np.ndarray], Mapping[
+          str, list]], vocab_path: str, prepare_hint: Optional[str] = None,
+               description: str = "item texts"):
+    super().__init__(data_dir, split_fn=split_fn, vocab_path=vocab_path,
+                     prepare_hint=prepare_hint)
+    self._make_examples = make_examples
+    self._description = description
+
+  def __str__(self):
+    return f"ItemTextSource({self._description}, {self._data_dir})"
+
+  def _build(self, split: str) -> None:
+    check_prepared(self._data_dir, self._prepare_hint)
+    _check_vocab_file(self._vocab_path, self._data_dir)
+    num_items = prepared.PreparedDataset(self._data_dir).num_items
+    items = self._split_fn(num_items)[split]
+    cols = self._make_examples(self._data_dir, items)
+    self._columns[split] = {
+        k: np.asarray(v, object if k != ITEM_INDEX else np.int32)
+        for k, v in cols.items()}
 
 
 def _description_to_title_examples(data_dir: str, items: np.ndarray, *,
@@ -358,7 +439,7 @@ def register_text_tasks(
   if not input_fields or bad_fields or item_texts.TITLE in input_fields:
     raise ValueError(f"input_fields={list(input_fields)}: expected a subset "
                      f"of {list(DESCRIPTION_FIELDS)} (the title is the target)")
-  _check_fractions(validation_fraction, test_fraction)
+  check_fractions(validation_fraction, test_fraction)
   vocab_file = vocab_path or default_vocab_path(data_dir)
   vocabulary = dataset_vocabulary(data_dir, extra_ids=extra_ids,
                                   vocab_path=vocab_file, check=False)

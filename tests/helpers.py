@@ -72,6 +72,20 @@ def tiny_data() -> str:
   return prepared_dataset()
 
 
+@pytest.fixture(autouse=True)
+def restore_seqio_registry():
+  """The SeqIO task registry is process-global: restored after each test.
+
+  Autouse in every test module that imports it (`from tests.helpers import
+  restore_seqio_registry`).
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  registry = dict(seqio.TaskRegistry._REGISTRY)  # pylint: disable=protected-access
+  yield
+  seqio.TaskRegistry._REGISTRY.clear()  # pylint: disable=protected-access
+  seqio.TaskRegistry._REGISTRY.update(registry)  # pylint: disable=protected-access
+
+
 def subprocess_env(xla_devices: Optional[int] = None,
                    extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
   """The caller's environment with the repo importable and JAX on CPU."""
@@ -299,3 +313,41 @@ def random_flare_tables(vocab: int, num_items: int, text_len: int, dim: int,
       critique_tokens=rng.normal(size=(num_critiques + 1, critique_len, dim)
                                  ).astype(np.float32),
       critique_mask=crit_mask, item_category=category)
+
+
+def reconstruct_spans(inputs, targets, vocab_size: int,
+                      extra_ids: int) -> List[int]:
+  """Original tokens from span-corrupted inputs and targets (no EOS): each
+  sentinel of `inputs` (the top `extra_ids` ids) replaced by the tokens that
+  follow it in `targets`."""
+  first = vocab_size - extra_ids
+  spans, cur = {}, None
+  for t in targets:
+    if t >= first:
+      cur = int(t)
+      spans[cur] = []
+    else:
+      spans[cur].append(int(t))
+  out = []
+  for t in inputs:
+    out.extend(spans[int(t)] if t >= first else [int(t)])
+  return out
+
+
+def write_item_text_cache(path: str, pooled: np.ndarray,
+                          texts: Optional[Sequence[str]] = None) -> None:
+  """A tiny item-text cache at `path`: `pooled` [N, D] vectors, 2-token
+  all-ones encodings, one chunk; `texts` default 'item <i>'."""
+  from recsys_jax.text import item_text_cache  # pylint: disable=g-import-not-at-top
+  n, d = pooled.shape
+  if texts is None:
+    texts = [f"item {i}" for i in range(n)]
+  writer = item_text_cache.CacheWriter(path, {
+      "encoder": "test", "checkpoint_fingerprint": "none", "vocab": "none",
+      "texts_kind": item_text_cache.ITEMS, "num_items": n,
+      "max_text_len": 2, "d_model": d, "dtype": "float32",
+      "pooling": "mean", "store_tokens": False, "chunk_size": n},
+                                       texts=texts)
+  writer.write_chunk(0, {"mask": np.ones((n, 2), bool),
+                         "token_ids": np.ones((n, 2), np.int32),
+                         "pooled": pooled})

@@ -14,7 +14,7 @@ import pytest
 from recsys_jax.data import prepared
 from recsys_jax.model_lib import item_embeddings as ie
 from recsys_jax.models import item_soft_tokens as ist
-from recsys_jax.text import item_text_cache
+from tests import helpers
 
 # -- ALS -----------------------------------------------------------------------
 
@@ -163,25 +163,12 @@ def test_cf_from_export(tmp_path):
     ie.cf_from_export(str(tmp_path), 4)
 
 
-def _write_item_cache(path, pooled, texts):
-  n, d = pooled.shape
-  writer = item_text_cache.CacheWriter(path, {
-      "encoder": "test", "checkpoint_fingerprint": "none", "vocab": "none",
-      "texts_kind": item_text_cache.ITEMS, "num_items": n,
-      "max_text_len": 2, "d_model": d, "dtype": "float32",
-      "pooling": "mean", "store_tokens": False, "chunk_size": n},
-                                       texts=texts)
-  writer.write_chunk(0, {"mask": np.ones((n, 2), bool),
-                         "token_ids": np.ones((n, 2), np.int32),
-                         "pooled": pooled})
-
-
 def test_semantic_from_cache(tmp_path):
   pooled = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
   pooled[1] = 0  # item 2: all-zero pooled vector
   texts = ["one", "two", "", "four", "five"]  # item 3: empty text
   path = str(tmp_path / "cache")
-  _write_item_cache(path, pooled, texts)
+  helpers.write_item_text_cache(path, pooled, texts)
   table, missing = ie.semantic_from_cache(path, 5)
   np.testing.assert_array_equal(missing,
                                 [True, False, True, True, False, False])
@@ -194,7 +181,7 @@ def test_semantic_from_cache(tmp_path):
 def test_load_item_tables(hand_data, tmp_path, capsys):
   pooled = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
   path = str(tmp_path / "cache")
-  _write_item_cache(path, pooled, ["t"] * 7 + [""])
+  helpers.write_item_text_cache(path, pooled, ["t"] * 7 + [""])
   tables = ie.load_item_tables(hand_data, item_text_cache=path, cf_dim=3,
                                als_iterations=1)
   assert tables.cf.shape == (9, 3) and tables.semantic.shape == (9, 4)
@@ -303,40 +290,40 @@ def test_shapes_and_mask(k, next_item):
   assert np.all(np.isfinite(embeds))
 
 
-def test_linear_adapter_matches_numpy():
-  config = ist.ItemSoftTokensConfig(d_model=D, tokens_per_item=2)
-  tables = _tables()
+def _history_embeds_and_reference(config, tables, np_adapter):
+  """(module, params, embeds, reference) of HISTORY alone: the module's
+  soft tokens and `np_adapter`'s, zero where the mask is off."""
   batch = {"history_items": HISTORY}
   module, params = _init(config, tables, batch)
   embeds, mask = _apply(module, params, batch)
-  ref = _np_linear(params, config, tables, HISTORY).reshape(2, -1, D)
-  ref = np.where(np.asarray(mask)[..., None], ref, 0)
+  ref = np_adapter(params, config, tables, HISTORY).reshape(2, -1, D)
+  return (module, params, embeds,
+          np.where(np.asarray(mask)[..., None], ref, 0))
+
+
+def test_linear_adapter_matches_numpy():
+  config = ist.ItemSoftTokensConfig(d_model=D, tokens_per_item=2)
+  _, _, embeds, ref = _history_embeds_and_reference(config, _tables(),
+                                                    _np_linear)
   np.testing.assert_allclose(embeds, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_mlp_adapter_matches_numpy():
   config = ist.ItemSoftTokensConfig(d_model=D, adapter="mlp", mlp_dim=6,
                                     tokens_per_item=2, dropout_rate=0.3)
-  tables = _tables()
-  batch = {"history_items": HISTORY}
-  module, params = _init(config, tables, batch)
-  embeds, mask = _apply(module, params, batch)
-  ref = _np_mlp(params, config, tables, HISTORY).reshape(2, -1, D)
-  ref = np.where(np.asarray(mask)[..., None], ref, 0)
+  module, params, embeds, ref = _history_embeds_and_reference(
+      config, _tables(), _np_mlp)
   np.testing.assert_allclose(embeds, ref, rtol=1e-5, atol=1e-6)
-  dropped, _ = _apply(module, params, batch, deterministic=False,
+  dropped, _ = _apply(module, params, {"history_items": HISTORY},
+                      deterministic=False,
                       rngs={"dropout": jax.random.PRNGKey(3)})
   assert not np.allclose(dropped, embeds)
 
 
 def test_unnormalized_inputs():
   config = ist.ItemSoftTokensConfig(d_model=D, normalize=False)
-  tables = _tables(cf_scale=5.0)
-  batch = {"history_items": HISTORY}
-  module, params = _init(config, tables, batch)
-  embeds, mask = _apply(module, params, batch)
-  ref = _np_linear(params, config, tables, HISTORY).reshape(2, -1, D)
-  ref = np.where(np.asarray(mask)[..., None], ref, 0)
+  _, _, embeds, ref = _history_embeds_and_reference(
+      config, _tables(cf_scale=5.0), _np_linear)
   np.testing.assert_allclose(embeds, ref, rtol=1e-5, atol=1e-5)
 
 

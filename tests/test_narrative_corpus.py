@@ -19,6 +19,8 @@ from recsys_jax.input_pipeline import text_data
 from recsys_jax.text import item_texts
 from tasks import narrative_tasks
 from tasks import text_tasks
+from tests.helpers import reconstruct_spans
+from tests.helpers import restore_seqio_registry  # pylint: disable=unused-import
 from tests.helpers import tiny_data  # pylint: disable=unused-import
 
 EXTRA_IDS = 10
@@ -27,12 +29,9 @@ FIELDS = ("endorsement", "purchase_reason", "user_summary")
 
 
 @pytest.fixture(autouse=True)
-def _restore_registry():
-  registry = dict(seqio.TaskRegistry._REGISTRY)  # pylint: disable=protected-access
+def _clear_gin():
   yield
   gin.clear_config()
-  seqio.TaskRegistry._REGISTRY.clear()  # pylint: disable=protected-access
-  seqio.TaskRegistry._REGISTRY.update(registry)  # pylint: disable=protected-access
 
 
 def _text(x):
@@ -58,22 +57,6 @@ def _rows(source, split):
   cols = source.columns(split)
   return [(u, f, t) for u, f, t in zip(cols["user_id"], cols["field"],
                                        cols["targets"])]
-
-
-def _reconstruct(inputs, targets, vocab_size, extra_ids):
-  """Original tokens from span-corrupted inputs and targets (no EOS)."""
-  first = vocab_size - extra_ids
-  spans, cur = {}, None
-  for t in targets:
-    if t >= first:
-      cur = int(t)
-      spans[cur] = []
-    else:
-      spans[cur].append(int(t))
-  out = []
-  for t in inputs:
-    out.extend(spans[int(t)] if t >= first else [int(t)])
-  return out
 
 
 def _unpad(tokens, eos_id):
@@ -200,7 +183,7 @@ def test_corruption_reconstructs_training_narratives_only(tiny_data):
     original = vocab.encode(train_text[key])  # KeyError: not a train row
     n = min(len(original), n_max)
     cut += len(original) > n_max
-    got = _reconstruct(inputs, targets, vocab.vocab_size, EXTRA_IDS)
+    got = reconstruct_spans(inputs, targets, vocab.vocab_size, EXTRA_IDS)
     assert got == original[:n]
     rebuilt.add(tuple(got))
     sentinels = [int(t) for t in targets
@@ -242,7 +225,7 @@ def test_corpus_data_batches(tiny_data):
     assert batch["encoder_input_tokens"].shape == (8, 24)
     assert batch["decoder_target_tokens"].shape == (8, 12)
     for row in range(8):
-      got = _reconstruct(
+      got = reconstruct_spans(
           _unpad(batch["encoder_input_tokens"][row], vocab.eos_id),
           _unpad(batch["decoder_target_tokens"][row], vocab.eos_id),
           vocab.vocab_size, EXTRA_IDS)
@@ -310,7 +293,7 @@ def test_pretraining_mixture_yields_both_tasks_of_training_texts(tiny_data,
     np.testing.assert_array_equal(batch[mixture.TASK_INDEX], t)
     assert batch["encoder_input_tokens"].shape == (4, items.max_input_len)
     for row in range(4):
-      got = _reconstruct(
+      got = reconstruct_spans(
           _unpad(batch["encoder_input_tokens"][row], vocab.eos_id),
           _unpad(batch["decoder_target_tokens"][row], vocab.eos_id),
           vocab.vocab_size, data.sources[t].extra_ids)

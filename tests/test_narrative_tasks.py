@@ -16,19 +16,12 @@ from recsys_jax.input_pipeline import text_data
 from recsys_jax.text import item_texts
 from tasks import narrative_tasks
 from tasks import text_tasks
+from tests.helpers import restore_seqio_registry  # pylint: disable=unused-import
 from tests.helpers import tiny_data  # pylint: disable=unused-import
 
 EXTRA_IDS = 10
 SPLITS = ("train", "validation", "test")
 FIELDS = ("user_summary", "purchase_reason", "endorsement")
-
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-  registry = dict(seqio.TaskRegistry._REGISTRY)  # pylint: disable=protected-access
-  yield
-  seqio.TaskRegistry._REGISTRY.clear()  # pylint: disable=protected-access
-  seqio.TaskRegistry._REGISTRY.update(registry)  # pylint: disable=protected-access
 
 
 def _text(x):

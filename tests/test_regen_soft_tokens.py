@@ -26,7 +26,6 @@ from recsys_jax.core import trainer
 from recsys_jax.model_lib import builders
 from recsys_jax.model_lib import item_embeddings as ie
 from recsys_jax.models import item_soft_tokens as ist
-from recsys_jax.text import item_text_cache
 from tests import helpers
 
 H = 4            # history slots
@@ -319,19 +318,6 @@ def test_architecture_records_module_config_and_table_sizes(setup):
   assert other.architecture() != arch
 
 
-def _write_item_cache(path, pooled):
-  n, d = pooled.shape
-  writer = item_text_cache.CacheWriter(path, {
-      "encoder": "test", "checkpoint_fingerprint": "none", "vocab": "none",
-      "texts_kind": item_text_cache.ITEMS, "num_items": n,
-      "max_text_len": 2, "d_model": d, "dtype": "float32",
-      "pooling": "mean", "store_tokens": False, "chunk_size": n},
-                                       texts=[f"item {i}" for i in range(n)])
-  writer.write_chunk(0, {"mask": np.ones((n, 2), bool),
-                         "token_ids": np.ones((n, 2), np.int32),
-                         "pooled": pooled})
-
-
 def test_builder_tables_from_the_tiny_data(tmp_path):
   data_dir = helpers.prepared_dataset()
   _, train_items, num_items = ie.read_train_interactions(data_dir)
@@ -340,7 +326,7 @@ def test_builder_tables_from_the_tiny_data(tmp_path):
       np.float32)
   pooled[10] = 0  # item 11: no text vector
   cache = str(tmp_path / "cache")
-  _write_item_cache(cache, pooled)
+  helpers.write_item_text_cache(cache, pooled)
   module = builders.item_soft_tokens(
       data_dir=data_dir, d_model=D_MODEL, cf_dim=4, als_iterations=1,
       item_text_cache=cache)

@@ -25,17 +25,11 @@ from recsys_jax.seqio_ext import preprocessors
 from recsys_jax.seqio_ext import span_corruption
 from recsys_jax.text import item_texts
 from tasks import text_tasks
+from tests.helpers import reconstruct_spans
+from tests.helpers import restore_seqio_registry  # pylint: disable=unused-import
 from tests.helpers import tiny_data  # pylint: disable=unused-import
 
 EXTRA_IDS = 10
-
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-  registry = dict(seqio.TaskRegistry._REGISTRY)  # pylint: disable=protected-access
-  yield
-  seqio.TaskRegistry._REGISTRY.clear()  # pylint: disable=protected-access
-  seqio.TaskRegistry._REGISTRY.update(registry)  # pylint: disable=protected-access
 
 
 def _examples(name, split, lengths=None, **kw):
@@ -161,21 +155,6 @@ def test_history_to_next_title_matches_python_reference(tiny_data):
   assert got == want
 
 
-def _reconstruct(inputs, targets, vocab_size):
-  """Original tokens from span-corrupted inputs and targets (no EOS)."""
-  spans, cur = {}, None
-  for t in targets:
-    if t >= vocab_size - EXTRA_IDS:
-      cur = int(t)
-      spans[cur] = []
-    else:
-      spans[cur].append(int(t))
-  out = []
-  for t in inputs:
-    out.extend(spans[int(t)] if t >= vocab_size - EXTRA_IDS else [int(t)])
-  return out
-
-
 def test_span_corruption_reconstructs_and_follows_t5_counts(tiny_data):
   name = text_tasks.register_text_tasks(
       "tt", tiny_data, tasks=(text_tasks.SPAN_CORRUPTION,),
@@ -192,7 +171,8 @@ def test_span_corruption_reconstructs_and_follows_t5_counts(tiny_data):
     assert ex["inputs"][-1] == ex["targets"][-1] == vocab.eos_id
     original = vocab.encode(item_texts.render(rows[int(ex["item_index"]) - 1]))
     n = min(len(original), 39)  # span_max_tokens = max_input_len - 1
-    assert _reconstruct(inputs, targets, vocab.vocab_size) == original[:n]
+    assert reconstruct_spans(inputs, targets, vocab.vocab_size,
+                             EXTRA_IDS) == original[:n]
     sentinels = [int(t) for t in targets if t >= vocab.vocab_size - EXTRA_IDS]
     num_noise = len(targets) - len(sentinels)
     assert num_noise == min(max(round(n * 0.15), 1), n - 1)
