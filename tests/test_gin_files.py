@@ -75,6 +75,12 @@ def _partner(rel: str) -> str:
                        f"({sorted(_needs(rel))})")
 
 
+# Overlays that only make sense on top of one model family's experiment.
+_OVERLAY_EXPERIMENT = {
+    "runs/soft_token_contributions.gin": "experiments/synthetic_regen.gin",
+}
+
+
 def _combination(rel: str):
   """(run defaults file, files in parse order) exercising gin file `rel`."""
   top = rel.split("/")[0]
@@ -88,6 +94,8 @@ def _combination(rel: str):
     return "runs/train.gin", ["runs/train.gin", rel, _partner(rel)]
   if top == "experiments":  # complete run configs, used alone
     return "runs/train.gin", ["runs/train.gin", rel]
+  if rel in _OVERLAY_EXPERIMENT:  # an evaluation overlay of one family
+    return "runs/eval.gin", ["runs/eval.gin", _OVERLAY_EXPERIMENT[rel], rel]
   # Overlays (partitioning/, runs/evaluation.gin, ...): on top of quickstart.
   return "runs/train.gin", ["runs/train.gin", "quickstart.gin", rel]
 
