@@ -239,3 +239,13 @@ init_from.InitFrom.mapping = [('a/.*', '\\g<0>'), ('b/.*', r'\0'),
   src = {"a/x": (1,), "b/y": (2,), "c/z": (3,), "e/w": (4,)}
   assert init_from.plan(shapes, src, spec) == {
       "a/x": "a/x", "b/y": "b/y", "c/z": "c/z", "d/w": "e/w"}
+
+
+def test_several_sources_apply_in_order_and_bad_entries_are_named(tmp_path):
+  from recsys_jax.core import init_from as lib  # pylint: disable=g-import-not-at-top
+  a, b = lib.InitFrom(path="runs/a"), lib.InitFrom(path="runs/b")
+  assert lib.as_list(None) == []
+  assert lib.as_list(a) == [a]
+  assert lib.as_list([a, b]) == [a, b]
+  with pytest.raises(TypeError, match=r"got str .*@a/init_from.InitFrom"):
+    lib.as_list([a, "runs/b"])

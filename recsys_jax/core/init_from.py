@@ -215,6 +215,23 @@ def plan(target_shapes: Mapping[str, Tuple[int, ...]],
   return copies
 
 
+InitFromArg = Union[InitFrom, Sequence[InitFrom]]
+
+
+def as_list(init_from: Optional[InitFromArg]) -> List[InitFrom]:
+  """`init_from` as a list of `InitFrom` (None: empty). Each source is
+  applied in order; a later one overwrites what an earlier one copied."""
+  if init_from is None:
+    return []
+  items = [init_from] if isinstance(init_from, InitFrom) else list(init_from)
+  bad = [type(x).__name__ for x in items if not isinstance(x, InitFrom)]
+  if bad:
+    raise TypeError(f"init_from: expected an InitFrom or a list of them; "
+                    f"got {', '.join(bad)} (gin: [@a/init_from.InitFrom(), "
+                    "@b/init_from.InitFrom()])")
+  return items
+
+
 def initialise(params: Any, init_from: InitFrom) -> Tuple[Any, str]:
   """`params` with the mapped leaves replaced by the source's values.
 

@@ -521,7 +521,7 @@ def train_loop(
     writer=None,
     eval_fn: Optional[Callable[[Any, int], Dict[str, float]]] = None,
     meta: Optional[dict] = None,
-    init_from: Optional[init_from_lib.InitFrom] = None,
+    init_from: Optional[init_from_lib.InitFromArg] = None,
 ) -> TrainState:
   """Trains to `cfg.train_steps`, resuming from the latest checkpoint.
 
@@ -544,7 +544,9 @@ def train_loop(
     writer: clu-style metric writer (write_scalars(step, dict)) or None.
     eval_fn: `eval_fn(params, step) -> metrics`, run every cfg.eval_every.
     meta: extra JSON stored with each checkpoint (e.g. the data directory).
-    init_from: initial parameters of a fresh run (ignored on resume).
+    init_from: initial parameters of a fresh run (ignored on resume): an
+      `InitFrom`, or a list of them applied in order (e.g. a frozen LM from
+      one run and an adapter from another).
 
   Returns:
     The final TrainState.
@@ -564,8 +566,8 @@ def train_loop(
     start, state = resumed
   else:
     start = 0
-    if init_from is not None:
-      params, summary = init_from_lib.initialise(state.params, init_from)
+    for source in init_from_lib.as_list(init_from):
+      params, summary = init_from_lib.initialise(state.params, source)
       state = state.replace(params=params)
       if jax.process_index() == 0:
         print(summary, flush=True)

@@ -172,7 +172,8 @@ def sentence_encoder(checkpoint: Optional[str] = None, *,
     outs = []
     for lo in range(0, len(texts), batch_size):
       chunk = list(texts[lo:lo + batch_size])
-      ids, mask = text_vocab.encode_batch(voc, chunk, max_len)
+      ids, mask = text_vocab.trim_to_bucket(
+          *text_vocab.encode_batch(voc, chunk, max_len))
       pad = batch_size - len(chunk)
       ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=voc.pad_id)
       mask = np.pad(mask, ((0, pad), (0, 0)))

@@ -77,6 +77,18 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       loss_chunk_rows=loss_chunk_rows)
 
 
+def sentinel_id(vocabulary, token: str) -> int:
+  """The id of sentinel `token` ('<extra_id_K>') in a seqio vocabulary
+  with extra ids (seqio puts <extra_id_0> last: id = vocab_size - 1 - K)."""
+  import re  # pylint: disable=g-import-not-at-top
+  match = re.fullmatch(r"<extra_id_(\d+)>", token.strip())
+  extra = int(getattr(vocabulary, "extra_ids", 0) or 0)
+  if not match or int(match.group(1)) >= extra:
+    raise ValueError(f"slot token {token!r}: expected '<extra_id_K>' with "
+                     f"K < the vocabulary's extra_ids ({extra})")
+  return int(vocabulary.vocab_size) - 1 - int(match.group(1))
+
+
 def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
        d_kv: int = 64, d_ff: int = 2048, num_encoder_layers: int = 6,
        num_decoder_layers: int = 6, relative_attention_num_buckets: int = 32,
@@ -88,8 +100,7 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
        z_loss: float = 0.0, max_decode_len: int = 32, num_beams: int = 1,
        alpha: float = 0.6, soft_token_module=None,
        soft_token_inputs=None, soft_token_mode: str = "prefix",
-       slot_id: Optional[int] = None
-       ) -> encoder_decoder.EncoderDecoderModel:
+       slot_id=None) -> encoder_decoder.EncoderDecoderModel:
   """A T5 encoder-decoder wrapper over the dataset's text vocabulary.
 
   The vocabulary is the dataset's SentencePiece model plus `extra_ids`
@@ -103,12 +114,16 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
     data_dir: prepared dataset with a SentencePiece model.
     vocab_path: another SentencePiece model (default `<data_dir>/spm.model`).
     vocab_multiple: round the embedding rows up to a multiple of this.
+    slot_id: the slot token of soft_token_mode='slots': an id, or a
+      sentinel's name such as '<extra_id_99>' (ILM's item slots).
   """
   if int(vocab_multiple) < 1:
     raise ValueError(f"vocab_multiple={vocab_multiple}: expected >= 1")
   vocabulary = text_tasks.dataset_vocabulary(data_dir, extra_ids=extra_ids,
                                              vocab_path=vocab_path)
   vocab_size = -(-vocabulary.vocab_size // vocab_multiple) * vocab_multiple
+  if isinstance(slot_id, str):
+    slot_id = sentinel_id(vocabulary, slot_id)
   config = t5_lib.T5Config(
       vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, d_kv=d_kv,
       d_ff=d_ff, num_encoder_layers=num_encoder_layers,
@@ -131,7 +146,8 @@ def item_soft_tokens(*, data_dir: str, d_model: int, sources: str = "fused",
                      cf: Optional[str] = "als",
                      item_text_cache: Optional[str] = None,
                      cf_dim: int = 64, als_iterations: int = 10,
-                     seed: int = 0, dtype: str = "float32"):
+                     seed: int = 0, items_feature: str = "history_items",
+                     dtype: str = "float32"):
   """REGEN's soft-token module (`models/item_soft_tokens.ItemSoftTokens`).
 
   Per history item: its collaborative-filtering embedding (`cf`: 'als' fits
@@ -141,14 +157,17 @@ def item_soft_tokens(*, data_dir: str, d_model: int, sources: str = "fused",
   `d_model` (give it to `t5(soft_token_module=...)` with
   `soft_token_inputs=item_soft_token_inputs(...)`). `sources` 'cf' /
   'semantic' are the single-embedding ablations: the other table is not
-  loaded (nor fitted).
+  loaded (nor fitted). `items_feature='slot_items'`, `sources='cf'`,
+  `adapter='mlp'`, `next_item=False` is CoLLM's MLP adapter in ILM's item
+  slots (`ilm_slot_inputs`).
   """
   from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
   from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
   config = soft_lib.ItemSoftTokensConfig(
       d_model=d_model, sources=sources, adapter=adapter, mlp_dim=mlp_dim,
       tokens_per_item=tokens_per_item, normalize=normalize,
-      dropout_rate=dropout_rate, next_item=next_item, dtype=dtype)
+      dropout_rate=dropout_rate, next_item=next_item,
+      items_feature=items_feature, dtype=dtype)
   if sources in ("fused", "semantic") and not item_text_cache:
     raise ValueError(f"item_soft_tokens(sources={sources!r}) needs "
                      "item_text_cache (an embed_items cache of this dataset)")
@@ -171,6 +190,99 @@ def item_soft_token_inputs(*, max_history: int, next_item: bool = True):
   if next_item:
     spec["next_item"] = ((1,), "int32")
   return spec
+
+
+def qformer_config(*, data_dir: str, hidden: int = 128, num_layers: int = 2,
+                   num_heads: int = 4, mlp_dim: int = 512,
+                   num_queries: int = 8, cross_attention_every: int = 1,
+                   memory_dim: int = 16, max_text_len: int = 64,
+                   dropout_rate: float = 0.1,
+                   attention_dropout_rate: float = 0.1,
+                   extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS,
+                   vocab_path: Optional[str] = None,
+                   dtype: str = "float32"):
+  """ILM's Q-Former architecture (`models/qformer.QFormerConfig`), its text
+  vocabulary the dataset's SentencePiece model + `extra_ids` (phase 1's
+  text; phase 2 reads no text). One gin binding serves both phases, so
+  phase 2's `init_from` finds phase 1's shapes."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import qformer as qformer_lib  # pylint: disable=g-import-not-at-top
+  vocabulary = text_tasks.dataset_vocabulary(data_dir, extra_ids=extra_ids,
+                                             vocab_path=vocab_path)
+  return qformer_lib.QFormerConfig(
+      vocab_size=vocabulary.vocab_size, hidden=hidden, num_layers=num_layers,
+      num_heads=num_heads, mlp_dim=mlp_dim, num_queries=num_queries,
+      cross_attention_every=cross_attention_every, memory_dim=memory_dim,
+      max_text_len=max_text_len, dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate, dtype=getattr(jnp, dtype))
+
+
+def ilm_cf_table(data_dir: str, cf: str, *, cf_dim: int = 64,
+                 als_iterations: int = 10, seed: int = 0) -> np.ndarray:
+  """`[num_items + 1, D]` CF item embeddings for ILM: an export's
+  item_embeddings.npy (a sequence model's item table; its item count must
+  be the dataset's, else a one-line error naming both) or 'als'."""
+  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
+  tables = item_embeddings.load_item_tables(
+      data_dir, cf=cf, item_text_cache=None, cf_dim=cf_dim,
+      als_iterations=als_iterations, seed=seed)
+  return np.asarray(tables.cf, np.float32)
+
+
+def ilm_item_tokens(*, data_dir: str, d_model: int, qformer, cf: str,
+                    num_chunks: int = 4, cf_dim: int = 64,
+                    als_iterations: int = 10, seed: int = 0):
+  """ILM's phase-2 soft-token module (`models/ilm_item_tokens`): each item
+  of `slot_items` becomes `qformer.num_queries` tokens of `d_model`.
+
+  Args:
+    data_dir: the prepared dataset.
+    d_model: the LM's width.
+    qformer: `qformer_config(...)` (phase 1's).
+    cf: an export directory / item_embeddings.npy, or 'als'.
+    num_chunks: M; the CF width must be M * qformer.memory_dim.
+  """
+  from recsys_jax.models import ilm_item_tokens as ilm_tokens_lib  # pylint: disable=g-import-not-at-top
+  table = ilm_cf_table(data_dir, cf, cf_dim=cf_dim,
+                       als_iterations=als_iterations, seed=seed)
+  model_base.enable_array_constants()  # the table: an argument, not HLO
+  return ilm_tokens_lib.QFormerItemTokens(
+      qformer=qformer, d_model=d_model, num_chunks=num_chunks,
+      cf_table=table)
+
+
+def ilm_pretrain(*, data_dir: str, qformer, cf: str, num_chunks: int = 4,
+                 embed_dim: int = 64, itc_weight: float = 1.0,
+                 itg_weight: float = 1.0, itm_weight: float = 1.0,
+                 item_item_weight: float = 1.0, user_item_weight: float = 1.0,
+                 temperature_init: float = 0.07,
+                 label_smoothing: float = 0.1,
+                 extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS,
+                 vocab_path: Optional[str] = None, cf_dim: int = 64,
+                 als_iterations: int = 10, seed: int = 0):
+  """ILM's phase-1 model (`model_lib/ilm_pretrain.ILMPretrainModel`): the
+  Q-Former pretrained on item-text (ITC, ITG, ITM), item-item and
+  user-item batches; a loss of weight 0 is off. CLS / DEC are the
+  vocabulary's `<extra_id_0>` / `<extra_id_1>` (as `tasks/ilm_tasks`)."""
+  from recsys_jax.model_lib import ilm_pretrain as ilm_pretrain_lib  # pylint: disable=g-import-not-at-top
+  from tasks import ilm_tasks  # pylint: disable=g-import-not-at-top
+  vocabulary = text_tasks.dataset_vocabulary(data_dir, extra_ids=extra_ids,
+                                             vocab_path=vocab_path)
+  table = ilm_cf_table(data_dir, cf, cf_dim=cf_dim,
+                       als_iterations=als_iterations, seed=seed)
+  return ilm_pretrain_lib.ILMPretrainModel(
+      qformer, table, num_chunks=num_chunks, embed_dim=embed_dim,
+      itc_weight=itc_weight, itg_weight=itg_weight, itm_weight=itm_weight,
+      item_item_weight=item_item_weight, user_item_weight=user_item_weight,
+      cls_id=sentinel_id(vocabulary, ilm_tasks.CLS_TOKEN),
+      dec_id=sentinel_id(vocabulary, ilm_tasks.DEC_TOKEN),
+      temperature_init=temperature_init, label_smoothing=label_smoothing)
+
+
+def ilm_slot_inputs(*, max_slot_items: int):
+  """The batch feature ILM's item-token modules read
+  (`t5(soft_token_inputs=)`): `slot_items` `[B, max_slot_items]` int32."""
+  return {"slot_items": ((int(max_slot_items),), "int32")}
 
 
 def flare(*, data_dir: str, item_text_cache: str,

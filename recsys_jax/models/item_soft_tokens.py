@@ -65,6 +65,8 @@ class ItemSoftTokensConfig:
     normalize: L2-normalise each source vector before concatenation.
     dropout_rate: dropout on the 'mlp' adapter's hidden layer.
     next_item: also emit `next_item`'s tokens (+ a learned marker).
+    items_feature: the batch feature of the items, `[B, H]` (REGEN:
+      `history_items`; CoLLM's baseline in ILM's slots: `slot_items`).
     dtype: compute dtype name ('float32', 'bfloat16'); params are float32.
   """
   d_model: int
@@ -75,6 +77,7 @@ class ItemSoftTokensConfig:
   normalize: bool = True
   dropout_rate: float = 0.0
   next_item: bool = False
+  items_feature: str = HISTORY_ITEMS
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -209,12 +212,13 @@ class ItemSoftTokens(nn.Module):
     """
     cfg = self.config
     check_tables(cfg, self.tables)
-    if HISTORY_ITEMS not in batch:
-      raise KeyError(f"ItemSoftTokens reads batch[{HISTORY_ITEMS!r}] "
+    feature = cfg.items_feature
+    if feature not in batch:
+      raise KeyError(f"ItemSoftTokens reads batch[{feature!r}] "
                      f"([batch, H] item ids); got features {sorted(batch)}")
-    ids = jnp.asarray(batch[HISTORY_ITEMS])
+    ids = jnp.asarray(batch[feature])
     if ids.ndim != 2:
-      raise ValueError(f"batch[{HISTORY_ITEMS!r}]: expected [batch, H] item "
+      raise ValueError(f"batch[{feature!r}]: expected [batch, H] item "
                        f"ids, got shape {ids.shape}")
     if cfg.next_item:
       if NEXT_ITEM not in batch:

@@ -147,6 +147,8 @@ def predict(*, model_dir: str, data, model,
           f"EVALUATION={evaluation!r}")
     batches = _limit(data.eval_batches(split, batch_size), max_users,
                      batch_size)
+    if getattr(getattr(evaluation, "config", None), "item_mapping", False):
+      evaluation.item_mapper(data.data_dir)  # titles -> items in records
     records = evaluation.records(model, params, batches, mesh=mesh,
                                  rules=rules)
     what = "generations"

@@ -15,7 +15,7 @@ def train(*, model_dir: str, data, model, optimizer: trainer.OptimizerConfig,
           loop: trainer.TrainLoopConfig,
           mesh_config: partitioning.MeshConfig,
           evaluation=None,
-          init_from: Optional[init_from_lib.InitFrom] = None):
+          init_from: Optional[init_from_lib.InitFromArg] = None):
   """Trains `model` on `data`, resuming in `model_dir`; evaluates at the end.
 
   `evaluation` (optional) is an `EvalConfig` (ranking) or an evaluator object
@@ -23,7 +23,7 @@ def train(*, model_dir: str, data, model, optimizer: trainer.OptimizerConfig,
 
   `init_from` initialises parameters of a fresh run (no checkpoint in
   `model_dir`) from another run, an export or an imported checkpoint
-  (core/init_from.py).
+  (core/init_from.py); a list of `InitFrom` applies each in order.
   """
   mesh = mesh_config.make_mesh()
   rules = mesh_config.logical_rules()
