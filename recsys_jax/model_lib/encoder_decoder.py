@@ -250,9 +250,13 @@ class EncoderDecoderModel(base.BaseModel):
     if self.soft_token_module is not None:
       soft = self.soft_token_module
       config = getattr(soft, "config", None)
+      # A config may leave out fields added later at their defaults, so
+      # that checkpoints written before them still restore.
+      as_record = getattr(config, "architecture_record", None)
       record["soft_token_module"] = {
           "class": type(soft).__name__,
-          "config": (dataclasses.asdict(config)
+          "config": (as_record() if callable(as_record) else
+                     dataclasses.asdict(config)
                      if dataclasses.is_dataclass(config) else None)}
       identity = getattr(getattr(soft, "tables", None), "identity", None)
       if callable(identity):  # frozen input tables: their sizes (not paths)

@@ -101,6 +101,14 @@ class ItemSoftTokensConfig:
       raise ValueError(f"ItemSoftTokensConfig.dtype={self.dtype!r}: not a "
                        "dtype name (e.g. 'float32', 'bfloat16')") from e
 
+  def architecture_record(self) -> Dict[str, Any]:
+    """The fields, `items_feature` left out at its default (checkpoints
+    written before it existed keep their architecture)."""
+    record = dataclasses.asdict(self)
+    if record["items_feature"] == HISTORY_ITEMS:
+      del record["items_feature"]
+    return record
+
   @property
   def used_sources(self) -> tuple:
     """('cf', 'semantic'), ('cf',) or ('semantic',)."""
