@@ -301,8 +301,18 @@ def test_architecture_records_module_config_and_table_sizes(setup):
   model, _, _ = setup
   arch = model.architecture()
   assert arch["soft_token_module"] == {
-      "class": "ItemSoftTokens", "config": dataclasses.asdict(CONFIG),
+      "class": "ItemSoftTokens", "config": {
+          k: v for k, v in dataclasses.asdict(CONFIG).items()
+          if k != "items_feature"},  # left out at its default (old runs)
       "tables": {"num_items": V - 1, "cf_dim": DC, "semantic_dim": DS}}
+  # Another items feature (CoLLM in ILM's slots) is another architecture.
+  slots = builders.t5(
+      data_dir=helpers.prepared_dataset(), **T5_SIZES,
+      soft_token_module=ist.ItemSoftTokens(
+          dataclasses.replace(CONFIG, items_feature="slot_items"), TABLES),
+      soft_token_inputs=builders.item_soft_token_inputs(max_history=H))
+  assert slots.architecture()["soft_token_module"]["config"][
+      "items_feature"] == "slot_items"
   assert arch["soft_token_mode"] == "prefix"
   assert arch["d_model"] == D_MODEL
   assert json.loads(json.dumps(arch)) == arch  # stored as JSON
