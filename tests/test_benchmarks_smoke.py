@@ -45,9 +45,10 @@ def test_flop_count_equals_the_models_matmuls(output_transform):
                                 dropout_rate=0.0, attention_dropout_rate=0.0,
                                 output_transform=output_transform)
   model = model_lib.Bert4RecModel(cfg, max_predictions=3)
-  params = jax.tree.map(
-      lambda x: x, __import__("flax").linen.meta.unbox(
-          model.get_initial_variables(jax.random.PRNGKey(0))["params"]))
+  # Shapes only: the jaxpr, hence its matmuls, does not depend on the values
+  # (an eager initialisation would compile each of its ops).
+  params = __import__("flax").linen.meta.unbox(jax.eval_shape(
+      model.get_initial_variables, jax.random.PRNGKey(0))["params"])
   b, l = 5, cfg.max_len
   ids = np.arange(1, b * l + 1, dtype=np.int32).reshape(b, l) % 40 + 1
   weights = np.zeros((b, l), np.float32)
@@ -84,6 +85,20 @@ def smoke_data(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("bench") / "synthetic")
   common.ensure_synthetic(path, num_users=120, num_items=100)
   return path
+
+
+@pytest.fixture
+def fast_compile_children(monkeypatch):
+  """XLA's LLVM optimisation off and its older (non-MLIR) CPU fusion
+  emitters in the processes a --num_processes run starts (they inherit this
+  environment): only their host code gets slower, their compilations (most
+  of these smoke runs' time) several times faster, as in
+  tests/test_multihost.py. This process's backend is initialised first, so
+  its own flags do not change."""
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+       "--xla_cpu_use_fusion_emitters=false"]).strip())
 
 
 def test_train_throughput_smoke(smoke_data, tmp_path):
@@ -136,7 +151,8 @@ def test_train_throughput_smoke_with_microbatches(smoke_data, tmp_path):
                                  "--output", str(out)])
 
 
-def test_train_throughput_smoke_two_processes(smoke_data, tmp_path):
+def test_train_throughput_smoke_two_processes(smoke_data, tmp_path,
+                                              fast_compile_children):
   """--num_processes=2: the launcher, jax.distributed over gloo, one flat
   all-reduce a step (local accumulation), counts and peak of both."""
   out = tmp_path / "train_mp.json"
@@ -341,12 +357,18 @@ def test_summarize_head_change_record_and_quality(tmp_path):
           "(step 250, 100 s, stopped at the target): 0.0700 / 0.0410 |") in text
 
 
-def test_time_to_quality_smoke_two_processes(smoke_data, tmp_path):
+def test_time_to_quality_smoke_two_processes(smoke_data, tmp_path,
+                                             fast_compile_children):
   """--num_processes=2: pinned processes with local accumulation; process
   0's evaluation lines are read, process 1 logs to the run directory."""
   run_dir = tmp_path / "run"
+  # The quick-start model shrunk (1 layer, width 16): what is smoke-tested
+  # here is the two-process run and how its output is read.
   res = time_to_quality.main([
       "--smoke", "--data_dir", smoke_data, "--num_processes=2",
+      "--gin", "builders.bert4rec.num_layers=1",
+      "--gin", "builders.bert4rec.hidden=16",
+      "--gin", "builders.bert4rec.mlp_dim=32",
       "--model_dir", str(run_dir), "--output", str(tmp_path / "ttq.json")])
   assert res["num_processes"] == 2 and res["exit_code"] == 0
   assert res["stop_reason"] == "schedule end"

@@ -63,10 +63,13 @@ def _env(devices):
   env = helpers.subprocess_env(devices,
                                extra={"RECSYS_CPU_COLLECTIVES": "gloo"})
   # LLVM optimisation only changes host code speed; off, the compilations
-  # that dominate these short runs take a quarter of the time. (local.sh
-  # appends its device count to XLA_FLAGS.)
+  # that dominate these short runs take a quarter of the time; XLA:CPU's
+  # older (non-MLIR) fusion emitters compile the same programs faster again.
+  # Every run here gets the same flags. (local.sh appends its device count
+  # to XLA_FLAGS.)
   env["XLA_FLAGS"] = " ".join(
-      [env.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+      [env.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+       "--xla_cpu_use_fusion_emitters=false"]).strip()
   return env
 
 
@@ -309,27 +312,46 @@ def test_only_process_zero_writes_eval_json_and_events(tmp_path, monkeypatch):
   assert len(glob.glob(str(tmp_path / "events.out.*"))) == 1
 
 
+def _eval_rows(data):
+  """The `item_ids` rows of the real users of this process's test batches."""
+  return [tuple(r) for b in data.eval_batches("test", 64)
+          for r in b["item_ids"][b["valid"] > 0]]
+
+
+@pytest.fixture(scope="module")
+def one_process_rows():
+  """The one-process reference of `test_host_input_rows`, read once: the
+  global batches (16 rows) of steps 3 and 4, and every test user's row.
+
+  With one process both host_input modes read the same unsharded stream
+  (`SequenceData.train_batches`) and the same evaluation batches, so both
+  cases compare against these.
+  """
+  from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.SequenceData(
+      "multihost_rows_one", helpers.prepared_dataset(), max_len=20,
+      host_input="slice")
+  assert jax.process_count() == 1
+  return list(_take(data.train_batches(3, 16), 2)), _eval_rows(data)
+
+
 @pytest.mark.parametrize("host_input", ["slice", "shard"])
-def test_host_input_rows(host_input, monkeypatch):
+def test_host_input_rows(host_input, one_process_rows, monkeypatch):
   """'slice': process i gets rows [8i, 8i + 8) of the one-process batches;
   'shard': the processes read disjoint users; eval covers every user once."""
   from recsys_jax.input_pipeline import sequence_data as input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.SequenceData(
       f"multihost_rows_{host_input}", helpers.prepared_dataset(), max_len=20,
       host_input=host_input)
-  one = list(_take(data.train_batches(3, 16), 2))
+  one, all_users = one_process_rows
   per_process, eval_users = [], []
   for i in range(2):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda i=i: i)
     per_process.append(list(_take(data.train_batches(3, 8), 2)))
-    for b in data.eval_batches("test", 64):
-      rows = b["item_ids"][b["valid"] > 0]
-      eval_users.extend(map(tuple, rows))
+    eval_users.extend(_eval_rows(data))
   monkeypatch.undo()
   assert len(eval_users) == 200
-  all_users = [tuple(r) for b in data.eval_batches("test", 64)
-               for r in b["item_ids"][b["valid"] > 0]]
   assert sorted(eval_users) == sorted(all_users)
   for step in range(2):
     a, b = per_process[0][step], per_process[1][step]
