@@ -406,24 +406,9 @@ def cache_encoder(cache_dir: str, *, checkpoint: Optional[str] = None,
   mesh = partitioning.make_mesh(1, devices)
   encode = embed_items.make_encode_fn(enc, manifest["pooling"], mesh)
   params = jax.device_put(enc.params, partitioning.replicated(mesh))
-  batch_size = -(-int(batch_size) // len(devices)) * len(devices)
-
-  def encode_fn(texts: List[str]) -> np.ndarray:
-    outs = []
-    for lo in range(0, len(texts), batch_size):
-      chunk = list(texts[lo:lo + batch_size])
-      ids, mask = text_vocab.trim_to_bucket(
-          *text_vocab.encode_batch(voc, chunk, max_len))
-      pad = batch_size - len(chunk)
-      ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=voc.pad_id)
-      mask = np.pad(mask, ((0, pad), (0, 0)))
-      _, pooled = encode(params, ids, mask)
-      outs.append(np.asarray(pooled, np.float32)[:len(chunk)])
-    if not outs:
-      return np.zeros((0, enc.d_model), np.float32)
-    return np.concatenate(outs)
-
-  return encode_fn
+  return text_metrics.batched_encode_fn(
+      encode, params, voc, width=enc.d_model, max_len=max_len,
+      batch_size=-(-int(batch_size) // len(devices)) * len(devices))
 
 
 def load_item_mapper(data_dir: str, *, item_vectors_cache: Optional[str] = None,

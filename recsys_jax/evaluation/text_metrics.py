@@ -166,7 +166,19 @@ def sentence_encoder(checkpoint: Optional[str] = None, *,
   mesh = partitioning.make_mesh(1, devices)
   encode = embed_items.make_encode_fn(enc, enc.default_pooling, mesh)
   params = jax.device_put(enc.params, partitioning.replicated(mesh))
-  batch_size = -(-batch_size // len(devices)) * len(devices)
+  return batched_encode_fn(encode, params, voc, width=enc.d_model,
+                           max_len=max_len,
+                           batch_size=-(-batch_size // len(devices))
+                           * len(devices))
+
+
+def batched_encode_fn(encode, params, voc, *, width: int, max_len: int,
+                      batch_size: int) -> EncodeFn:
+  """`encode_fn(texts) -> [N, width]` float32 pooled vectors from a jitted
+  `encode(params, ids, mask) -> (tokens, pooled)` (`embed_items`'s): texts
+  in chunks of `batch_size` rows (the last padded), each chunk cut to its
+  length bucket (`text_vocab.trim_to_bucket`)."""
+  from recsys_jax.text import vocab as text_vocab  # pylint: disable=g-import-not-at-top
 
   def encode_fn(texts: List[str]) -> np.ndarray:
     outs = []
@@ -178,9 +190,9 @@ def sentence_encoder(checkpoint: Optional[str] = None, *,
       ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=voc.pad_id)
       mask = np.pad(mask, ((0, pad), (0, 0)))
       _, pooled = encode(params, ids, mask)
-      outs.append(np.asarray(pooled)[:len(chunk)])
+      outs.append(np.asarray(pooled, np.float32)[:len(chunk)])
     if not outs:
-      return np.zeros((0, enc.d_model), np.float32)
+      return np.zeros((0, width), np.float32)
     return np.concatenate(outs)
 
   return encode_fn

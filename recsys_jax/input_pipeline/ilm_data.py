@@ -127,13 +127,8 @@ class _PretrainData:
       raise KeyError(f"{self.task_name} eval batches have no features "
                      f"{unknown}; they hold {list(self.features)} + "
                      f"{list(self.eval_features)}")
-    nproc = jax.process_count()
-    local = global_batch_size // nproc
-    if local * nproc != global_batch_size or local < 1:
-      raise ValueError(f"eval batch_size={global_batch_size} must be a "
-                       f"positive multiple of the number of processes "
-                       f"({nproc})")
-    key = (split, global_batch_size, jax.process_index(), nproc)
+    local = text_data.local_eval_batch_size(global_batch_size)
+    key = (split, global_batch_size, jax.process_index(), jax.process_count())
     return self._eval_cache.batches(key, lambda: batching.eval_batches(
         self.task, split, local,
         shard_info=sequence_data.SequenceData.shard_info(),

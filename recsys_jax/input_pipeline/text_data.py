@@ -139,6 +139,17 @@ def _empty_like(batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return out
 
 
+def local_eval_batch_size(global_batch_size: int) -> int:
+  """This process's rows of an eval batch of `global_batch_size` rows."""
+  nproc = jax.process_count()
+  local = global_batch_size // nproc
+  if local * nproc != global_batch_size or local < 1:
+    raise ValueError(f"eval batch_size={global_batch_size} must be a "
+                     f"positive multiple of the number of processes "
+                     f"({nproc})")
+  return local
+
+
 class TextData:
   """Registers a dataset's text tasks and serves one of them as batches.
 
@@ -263,13 +274,8 @@ class TextData:
       raise KeyError(f"text eval batches have no features {unknown}; they "
                      f"hold {list(self.model_features)} + "
                      f"{list(self.text_features)}")
-    nproc = jax.process_count()
-    local = global_batch_size // nproc
-    if local * nproc != global_batch_size or local < 1:
-      raise ValueError(f"eval batch_size={global_batch_size} must be a "
-                       f"positive multiple of the number of processes "
-                       f"({nproc})")
-    key = (split, global_batch_size, jax.process_index(), nproc)
+    local = local_eval_batch_size(global_batch_size)
+    key = (split, global_batch_size, jax.process_index(), jax.process_count())
     return self._eval_cache.batches(
         key, lambda: self._eval_stream(split, local))
 

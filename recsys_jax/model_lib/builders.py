@@ -77,18 +77,6 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       loss_chunk_rows=loss_chunk_rows)
 
 
-def sentinel_id(vocabulary, token: str) -> int:
-  """The id of sentinel `token` ('<extra_id_K>') in a seqio vocabulary
-  with extra ids (seqio puts <extra_id_0> last: id = vocab_size - 1 - K)."""
-  import re  # pylint: disable=g-import-not-at-top
-  match = re.fullmatch(r"<extra_id_(\d+)>", token.strip())
-  extra = int(getattr(vocabulary, "extra_ids", 0) or 0)
-  if not match or int(match.group(1)) >= extra:
-    raise ValueError(f"slot token {token!r}: expected '<extra_id_K>' with "
-                     f"K < the vocabulary's extra_ids ({extra})")
-  return int(vocabulary.vocab_size) - 1 - int(match.group(1))
-
-
 def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
        d_kv: int = 64, d_ff: int = 2048, num_encoder_layers: int = 6,
        num_decoder_layers: int = 6, relative_attention_num_buckets: int = 32,
@@ -122,8 +110,9 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
   vocabulary = text_tasks.dataset_vocabulary(data_dir, extra_ids=extra_ids,
                                              vocab_path=vocab_path)
   vocab_size = -(-vocabulary.vocab_size // vocab_multiple) * vocab_multiple
-  if isinstance(slot_id, str):
-    slot_id = sentinel_id(vocabulary, slot_id)
+  if isinstance(slot_id, str):  # a sentinel's name: its single id
+    from tasks import ilm_tasks  # pylint: disable=g-import-not-at-top
+    slot_id = ilm_tasks.special_id(vocabulary, slot_id)
   config = t5_lib.T5Config(
       vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, d_kv=d_kv,
       d_ff=d_ff, num_encoder_layers=num_encoder_layers,
@@ -274,8 +263,8 @@ def ilm_pretrain(*, data_dir: str, qformer, cf: str, num_chunks: int = 4,
       qformer, table, num_chunks=num_chunks, embed_dim=embed_dim,
       itc_weight=itc_weight, itg_weight=itg_weight, itm_weight=itm_weight,
       item_item_weight=item_item_weight, user_item_weight=user_item_weight,
-      cls_id=sentinel_id(vocabulary, ilm_tasks.CLS_TOKEN),
-      dec_id=sentinel_id(vocabulary, ilm_tasks.DEC_TOKEN),
+      cls_id=ilm_tasks.special_id(vocabulary, ilm_tasks.CLS_TOKEN),
+      dec_id=ilm_tasks.special_id(vocabulary, ilm_tasks.DEC_TOKEN),
       temperature_init=temperature_init, label_smoothing=label_smoothing)
 
 
