@@ -32,6 +32,12 @@ TINY_MODEL_FLAGS = (
     "--gin.MAX_PREDICTIONS=10",  # quickstart.gin's 24 is for length-50 rows
     "--gin.builders.bert4rec.hidden=16",
     "--gin.builders.bert4rec.mlp_dim=32",
+    # The CLI tests exercise the bidirectional cloze model (quickstart.gin
+    # trains the causal mode; test_quickstart covers that).
+    "--gin.builders.bert4rec.causal=False",
+    "--gin.builders.bert4rec.positions_from_end=True",
+    "--gin.builders.bert4rec.output_transform=True",
+    "--gin.input_pipeline.SequenceData.last_item_mask_prob=0.2",
 )
 # Only train and eval include runs/evaluation.gin (export does not).
 EVAL_FLAGS = ("--gin.evaluation.EvalConfig.batch_size=64",)

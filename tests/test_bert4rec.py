@@ -320,3 +320,44 @@ def test_dropout_rate_scale_and_determinism():
   assert not np.array_equal(y, np.asarray(apply(jax.random.PRNGKey(1))))
   np.testing.assert_array_equal(
       drop.apply({}, x, deterministic=True), x)
+
+
+def test_fan_in_init_scales_by_the_input_dims():
+  key = jax.random.PRNGKey(3)
+  for shape, input_dims, fan_in in [((64, 4, 16), 1, 64),     # q/k/v
+                                    ((4, 16, 64), -1, 64),    # attn output
+                                    ((64, 256), 1, 64),       # MLP in
+                                    ((256, 64), -1, 256)]:    # MLP out
+    w = np.asarray(layers.fan_in_init(input_dims)(key, shape))
+    np.testing.assert_allclose(w.std(), fan_in ** -0.5, rtol=0.05)
+    # Truncated at 2 sd of the underlying normal (stddev / 0.8796).
+    assert np.abs(w).max() <= 2 * fan_in ** -0.5 / 0.8796 + 1e-6
+  with pytest.raises(ValueError, match="input dims"):
+    layers.fan_in_init(3)(key, (4, 4))
+
+
+def test_init_option_sets_block_kernels_only():
+  big = dataclasses.replace(CFG, hidden=64, mlp_dim=256, num_items=500)
+  tokens = jnp.ones((2, big.max_len), jnp.int32)
+  stds = {}
+  for init in bert4rec.INITS:
+    cfg = dataclasses.replace(big, init=init)
+    p = nn.meta.unbox(jitted(bert4rec.Bert4Rec(cfg), "init")(
+        jax.random.PRNGKey(0), tokens,
+        method=bert4rec.Bert4Rec.all_logits)["params"])
+    stds[init] = {
+        "query": float(np.std(p["blocks_0"]["attention"]["query"]["kernel"])),
+        "out": float(np.std(p["blocks_1"]["attention"]["out"]["kernel"])),
+        "mlp_wo": float(np.std(p["blocks_0"]["mlp"]["wo"]["kernel"])),
+        "transform": float(np.std(p["transform_dense"]["kernel"])),
+        "items": float(np.std(p["item_embed"]["embedding"]))}
+  # jax's truncated_normal(0.02) has stddev 0.02 * 0.88.
+  for name in ("query", "out", "mlp_wo", "transform", "items"):
+    np.testing.assert_allclose(stds["bert"][name], 0.0176, rtol=0.1)
+  np.testing.assert_allclose(stds["fan_in"]["query"], 1 / 8, rtol=0.1)
+  np.testing.assert_allclose(stds["fan_in"]["out"], 1 / 8, rtol=0.1)
+  np.testing.assert_allclose(stds["fan_in"]["mlp_wo"], 1 / 16, rtol=0.1)
+  np.testing.assert_allclose(stds["fan_in"]["transform"], 1 / 8, rtol=0.1)
+  np.testing.assert_allclose(stds["fan_in"]["items"], 0.0176, rtol=0.1)
+  with pytest.raises(ValueError, match=r"Bert4RecConfig\.init='xavier'"):
+    dataclasses.replace(CFG, init="xavier")

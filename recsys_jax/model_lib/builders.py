@@ -42,7 +42,7 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
              max_predictions: Optional[int] = None,
              dtype: str = "float32",
              positions_from_end: bool = False, causal: bool = False,
-             output_transform: bool = True,
+             output_transform: bool = True, init: str = "bert",
              loss_chunk_rows: Optional[int] = model_lib.DEFAULT_LOSS_CHUNK_ROWS
              ) -> "model_lib.Bert4RecModel":
   """A Bert4Rec wrapper sized for the prepared dataset at `data_dir`.
@@ -50,8 +50,9 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
   Args:
     data_dir: prepared dataset (its item count sizes the tables).
     max_len: maximum sequence length (positions).
-    positions_from_end, causal, output_transform: see `Bert4RecConfig`
-      (causal=True is SASRec: next-item training at every position).
+    positions_from_end, causal, output_transform, init: see
+      `Bert4RecConfig` (causal=True is SASRec: next-item training at every
+      position; init='fan_in' for unit-gain kernels).
     loss: 'full' softmax, or 'sampled_uniform' / 'sampled_popularity' /
       'in_batch' for large catalogues.
     num_negatives: negatives per batch for the sampled losses.
@@ -66,7 +67,7 @@ def bert4rec(*, data_dir: str, max_len: int = 50, hidden: int = 64,
       num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate, dtype=getattr(jnp, dtype),
       positions_from_end=positions_from_end, causal=causal,
-      output_transform=output_transform)
+      output_transform=output_transform, init=init)
   if max_predictions is None and mask_prob is not None:
     max_predictions = min(max_len, math.ceil(mask_prob * max_len) + 1)
   log_pop = (train_item_log_popularity(data_dir)

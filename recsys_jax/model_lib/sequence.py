@@ -349,10 +349,11 @@ class Bert4RecModel(SequenceRecModel):
     Stored with every checkpoint and export and compared when they are
     restored: a flag such as `positions_from_end` changes no parameter
     shape, so a mismatch would otherwise evaluate silently wrong.
-    Training-only fields (dropout rates) and the compute dtype are left out.
+    Training-only fields (dropout rates, initialisation) and the compute
+    dtype are left out.
     """
     record = dataclasses.asdict(self.config)
-    for k in ("dropout_rate", "attention_dropout_rate", "dtype"):
+    for k in ("dropout_rate", "attention_dropout_rate", "dtype", "init"):
       record.pop(k, None)
     return {"module": type(self.module).__name__, **record}
 

@@ -33,6 +33,7 @@ from recsys_jax.models.layers.dropout import DROPOUT_LEVELS
 from recsys_jax.models.layers.embedding import embedding
 from recsys_jax.models.layers.linear import default_kernel_init
 from recsys_jax.models.layers.linear import dense
+from recsys_jax.models.layers.linear import fan_in_init
 from recsys_jax.models.layers.linear import matmul_2d
 from recsys_jax.models.layers.mlp import gelu
 from recsys_jax.models.layers.mlp import Mlp
@@ -45,7 +46,8 @@ __all__ = [
     "BLOCK_AXES", "CrossAttentionBlock", "DROPOUT_LEVELS", "Dropout",
     "HeadsOutput", "HeadsProjection", "LARGE_NEGATIVE", "Mlp",
     "MultiHeadAttention", "RMSNorm", "TransformerBlock", "axis_sharded",
-    "default_kernel_init", "dense", "dropout_threshold", "embedding", "gelu",
+    "default_kernel_init", "dense", "dropout_threshold", "embedding",
+    "fan_in_init", "gelu",
     "key_mask", "layer_norm", "logical", "make_attention_mask", "mask_bias",
     "matmul_2d",
 ]

@@ -11,6 +11,28 @@ from recsys_jax.models.layers.axes import Array, DType, Initializer, logical
 default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+def fan_in_init(input_dims: int = 1) -> Initializer:
+  """Truncated normal with variance 1 / fan_in (LeCun), fan_in = the product
+  of the kernel's first `input_dims` dims (-1: all but the last).
+
+  Query/key/value kernels `[E, H, D]` or `[E, H*D]` and MLP kernels take
+  `input_dims=1`; attention output kernels `[H, D, E]` or `[H*D, E]` take -1.
+  At small widths BERT's fixed 0.02 is several times below 1/sqrt(E) (0.125
+  at E = 64), so the attention path starts nearly closed; this keeps every
+  projection's output at the scale of its input.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    ndim = len(shape)
+    n_in = ndim - 1 if input_dims < 0 else input_dims
+    if not 0 < n_in < ndim:
+      raise ValueError(f"fan_in_init(input_dims={input_dims}) for a kernel of "
+                       f"shape {shape}: expected 1 <= input dims < ndim")
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, ndim)))(key, shape, dtype)
+  return init
+
+
 def matmul_2d(x: Array, kernel: Array, dtype: DType) -> Array:
   """`x [..., K] @ kernel [K, N]` as one 2-D matmul over the flattened rows.
 

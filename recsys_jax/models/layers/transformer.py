@@ -6,8 +6,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from recsys_jax.models.layers.attention import MultiHeadAttention, key_mask
-from recsys_jax.models.layers.axes import BLOCK_AXES, Array, DType
+from recsys_jax.models.layers.axes import BLOCK_AXES, Array, DType, Initializer
 from recsys_jax.models.layers.dropout import Dropout
+from recsys_jax.models.layers.linear import default_kernel_init
 from recsys_jax.models.layers.mlp import Mlp
 from recsys_jax.models.layers.norms import layer_norm
 
@@ -24,6 +25,8 @@ class TransformerBlock(nn.Module):
 
   Pre-LN (`pre_layer_norm=True`): x + f(LN(x)); the stack needs a final LN.
   Post-LN (BERT): LN(x + f(x)).
+  `kernel_init` initialises the attention input projections and both MLP
+  kernels; `out_kernel_init` (default: `kernel_init`) the attention output.
   """
   num_heads: int
   mlp_dim: int
@@ -31,6 +34,8 @@ class TransformerBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   pre_layer_norm: bool = True
   dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+  out_kernel_init: Optional[Initializer] = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None, *,
@@ -40,8 +45,10 @@ class TransformerBlock(nn.Module):
     attn = MultiHeadAttention(
         self.num_heads, _head_dim(x.shape[-1], self.num_heads),
         dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+        kernel_init=self.kernel_init, out_kernel_init=self.out_kernel_init,
         name="attention")
-    mlp = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
+    mlp = Mlp(self.mlp_dim, self.dropout_rate, self.dtype,
+              kernel_init=self.kernel_init, name="mlp")
     drop = Dropout(self.dropout_rate)
     ln_attn = layer_norm(self.dtype, name="attention_norm")
     ln_mlp = layer_norm(self.dtype, name="mlp_norm")
