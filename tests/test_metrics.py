@@ -287,7 +287,8 @@ def _evaluator(num_items, **cfg_kwargs):
   return evaluator.Evaluator(
       _ConstantModel(num_items), partitioning.make_mesh(1),
       partitioning.DATA_PARALLEL_RULES,
-      evaluator.EvalConfig(**{"frequency_buckets": (), **cfg_kwargs}))
+      evaluator.EvalConfig(**{"frequency_buckets": (),
+                              "beyond_accuracy_ks": (), **cfg_kwargs}))
 
 
 @pytest.mark.parametrize("length_buckets", [False, True])

@@ -149,7 +149,8 @@ for loss in LOSSES:
         gb = partitioning.host_to_global(model_batch, mesh)
         negs = gb.pop("negatives")
         with partitioning.with_rules(rules, mesh):
-          ranks = ev._rank(params, gb, negs)  # pylint: disable=protected-access
+          # (ranks, top-k ids): the top-k of the beyond-accuracy metrics.
+          ranks = ev._rank(params, gb, negs)[0]  # pylint: disable=protected-access
           if protocol == "full" and not exclude and name != "dp":
             eval_hlo = ev._rank.lower(params, gb, negs).compile().as_text()  # pylint: disable=protected-access
             result[key]["eval_hlo_shapes"] = shapes_in_hlo(eval_hlo)

@@ -18,11 +18,25 @@ also reported per bucket of the TARGET item's training count
 (`EvalConfig.frequency_buckets`, result key `by_frequency`), for the model
 and the popularity baseline alike: how well cold and rare targets are
 ranked, which the overall numbers (dominated by popular items) hide.
+
+Baselines (`EvalConfig.baselines`): train popularity, EASE and a first-order
+Markov chain (`baselines.py`) are ranked through the same path as the model,
+each as `<split>_<name>`. They do not depend on the model, so a
+`RankingEvaluation` fits them once and keeps their results for the later
+(periodic) evaluations of the same data.
+
+Beyond accuracy (`EvalConfig.beyond_accuracy_ks`): the jitted ranking also
+returns each user's top-K item ids (history excluded as the protocol says),
+accumulated on the host into per-item counts (`metrics.BeyondAccuracy`):
+catalogue coverage@K and the training popularity of what is recommended,
+result key `beyond_accuracy`.
 """
 
+import copy
 import dataclasses
 import json
 import os
+import time
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     Optional, Sequence, Tuple)
 
@@ -31,9 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from recsys_jax.core import distributed
-from recsys_jax.evaluation import metrics
 from recsys_jax.core import partitioning
+from recsys_jax.evaluation import baselines as baselines_lib
+from recsys_jax.evaluation import metrics
 from recsys_jax.evaluation import ranking
+
+# The batch feature carrying host-computed scores [B, N] (baselines).
+HOST_SCORES = "host_scores"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +67,19 @@ class EvalConfig:
     num_negatives: negatives per user for the sampled protocol.
     negative_sampling: 'uniform' or 'popularity' (sampled protocol).
     splits: which leave-one-out splits to evaluate.
-    popularity_baseline: also evaluate the train-popularity baseline.
+    popularity_baseline: False drops 'popularity' from `baselines` (the
+      switch of configs written before `baselines` existed).
+    baselines: baselines evaluated beside the model on every split, as
+      `<split>_<name>`: 'popularity' (log1p train counts), 'ease' (Steck
+      2019) and 'markov' (first-order transitions), see `baselines.py`;
+      () for none.
+    ease_l2: EASE's L2 penalty lambda (100: the best validation NDCG@10 of
+      20-2,000 on the synthetic default, within 1% of the best (50) on
+      Amazon Beauty; Steck used 500 on the denser ML-20M and Netflix;
+      docs/EVALUATION.md).
+    ease_max_items: EASE is skipped (with a warning, and the reason in the
+      results) for catalogues larger than this: it needs a dense N x N
+      float32 matrix (4 N^2 bytes, 1.6 GB at 20,000) and ~N^3 flops.
     seed: seed of the sampled negatives.
     length_buckets: regroup rows by history length and cut each batch's
       trailing padding (module docstring); needs a model whose `score_fn`
@@ -62,6 +92,9 @@ class EvalConfig:
       target item's train count: buckets [0, b0), [b0, b1), ..., [bK, inf),
       labelled "0", "1-4", "5-19", "20+" for (1, 5, 20) (`frequency_labels`);
       empty: no per-bucket metrics.
+    beyond_accuracy_ks: cutoffs K of the beyond-accuracy metrics of each
+      user's top-K list (coverage@K, popularity@K; `metrics.BeyondAccuracy`);
+      () turns them (and the top-K they need) off.
   """
   ks: Sequence[int] = (1, 5, 10, 20)
   batch_size: int = 256
@@ -76,8 +109,25 @@ class EvalConfig:
   bucket_multiple: int = 8
   bucket_window: int = 64
   frequency_buckets: Sequence[int] = (1, 5, 20)
+  baselines: Sequence[str] = baselines_lib.BASELINES
+  ease_l2: float = 100.0
+  ease_max_items: int = 20_000
+  beyond_accuracy_ks: Sequence[int] = (10,)
 
   def __post_init__(self):
+    baselines_lib.names_in_order(self.baselines)
+    if not float(self.ease_l2) > 0:
+      raise ValueError(f"EvalConfig.ease_l2={self.ease_l2!r}: expected a "
+                       "positive L2 penalty (e.g. 100)")
+    if int(self.ease_max_items) != self.ease_max_items or (
+        self.ease_max_items < 1):
+      raise ValueError(f"EvalConfig.ease_max_items={self.ease_max_items!r}: "
+                       "expected a positive integer")
+    ks = tuple(self.beyond_accuracy_ks)
+    if any(int(k) != k or k < 1 for k in ks) or len(set(ks)) != len(ks):
+      raise ValueError(f"EvalConfig.beyond_accuracy_ks={ks!r}: expected "
+                       "distinct positive cutoffs (e.g. (10,)), or () for "
+                       "none")
     if self.protocol not in ("full", "sampled"):
       raise ValueError(f"EvalConfig.protocol={self.protocol!r}: expected "
                        "'full' or 'sampled'")
@@ -93,6 +143,13 @@ class EvalConfig:
           f"EvalConfig.frequency_buckets={tuple(bounds)!r}: expected "
           "strictly increasing integers >= 1 (e.g. (1, 5, 20)), or () to "
           "disable per-frequency metrics")
+
+  @property
+  def active_baselines(self) -> List[str]:
+    """`baselines` in order, without 'popularity' if popularity_baseline is
+    False."""
+    return [b for b in baselines_lib.names_in_order(self.baselines)
+            if b != "popularity" or self.popularity_baseline]
 
 
 def frequency_labels(boundaries: Sequence[int]) -> List[str]:
@@ -137,6 +194,29 @@ def bucket_results(accs: Sequence[metrics.RankingMetrics],
     res.pop("protocol", None)
     out[label] = res
   return out
+
+
+def recommended_ids(scores: jax.Array, batch: Mapping[str, jax.Array],
+                    cfg: EvalConfig, k: int, mesh=None) -> jax.Array:
+  """[B, k] int32 ids of each row's k best items, best first (ties: lower
+  id first), without the items `cfg.exclude_history` excludes; 0 where
+  fewer than k items are left (or score above -inf).
+
+  With `mesh`, the top-k runs per item shard (`ranking.sharded_top_k` over
+  `model`, rows over `data`), so item-sharded scores are never gathered.
+  """
+  neg_inf = jnp.array(-jnp.inf, scores.dtype)
+  clean = jnp.where(jnp.isnan(scores), neg_inf, scores)
+  if cfg.exclude_history:
+    excluded = ranking.exclusion_mask(
+        clean.shape, batch.get("exclude_ids", batch["item_ids"]))
+    clean = jnp.where(excluded, neg_inf, clean)
+  kwargs = {}
+  if mesh is not None:
+    kwargs = dict(mesh=mesh, item_axis=partitioning.MODEL_AXIS,
+                  batch_axis=partitioning.DATA_AXIS)
+  values, ids = ranking.top_k_items(clean, k, **kwargs)
+  return jnp.where(values > neg_inf, ids, 0).astype(jnp.int32)
 
 
 def protocol_name(cfg: EvalConfig) -> str:
@@ -270,20 +350,33 @@ class Evaluator:
 
   def __init__(self, model, mesh, rules, cfg: EvalConfig):
     self.model, self.mesh, self.rules, self.cfg = model, mesh, rules, cfg
+    ks = tuple(cfg.beyond_accuracy_ks)
+    # A list longer than the catalogue is the whole catalogue.
+    self.top_k = min(max(ks), int(model.num_items)) if ks else 0
     self._rank = self._jit_rank(model.score_fn)
+    self._rank_host_scores = None
 
   def _jit_rank(self, score_fn):
-    """jit of (params, batch, negatives) -> ranks [B], batch-sharded."""
-    cfg = self.cfg
+    """jit of (params, batch, negatives) -> ranks [B] (and top-k ids
+    [B, top_k] with beyond-accuracy metrics), batch-sharded."""
+    cfg, k = self.cfg, self.top_k
 
     def rank_fn(params, batch, negatives):
-      return target_ranks(score_fn(params, batch), batch, negatives, cfg)
-    return jax.jit(rank_fn, out_shardings=partitioning.batch_sharding(
-        self.mesh))
+      scores = score_fn(params, batch)
+      ranks = target_ranks(scores, batch, negatives, cfg)
+      if not k:
+        return ranks
+      return ranks, recommended_ids(scores, batch, cfg, k, self.mesh)
+    rows = partitioning.batch_sharding(self.mesh)
+    return jax.jit(rank_fn, out_shardings=(rows, rows) if k else rows)
 
   def evaluate(self, params, batches: Iterable[Mapping[str, np.ndarray]],
                item_counts: Optional[np.ndarray] = None,
-               score_override=None) -> Dict[str, Any]:
+               score_override=None, *,
+               host_scores: Optional[Callable[[np.ndarray], np.ndarray]]
+               = None,
+               popularity_counts: Optional[np.ndarray] = None
+               ) -> Dict[str, Any]:
     """Metrics over host-local batches (each process passes its own shard).
 
     Args:
@@ -293,13 +386,25 @@ class Evaluator:
         the target-frequency buckets of `cfg.frequency_buckets`).
       score_override: if given, `[N]` scores used for every user instead of
         the model (the popularity baseline through the same path).
+      host_scores: if given, `fn(item_ids [B, L]) -> [B, N]` scores of each
+        row computed on the host instead of the model (EASE, Markov), sent
+        with the batch and ranked by the same jitted path.
+      popularity_counts: [N] training counts for the beyond-accuracy
+        popularity of recommended items (without them only coverage).
 
     Returns:
       `RankingMetrics.result()`; with `item_counts` and frequency buckets
       also 'by_frequency' ({label: {metrics..., 'num_users'}}, see
-      `bucket_results`) and 'frequency_buckets' (the boundaries).
+      `bucket_results`) and 'frequency_buckets' (the boundaries); with
+      `cfg.beyond_accuracy_ks` also 'beyond_accuracy'
+      (`metrics.BeyondAccuracy.result()`).
     """
     cfg = self.cfg
+    num_items = int(self.model.num_items)
+    beyond = None
+    if self.top_k:
+      beyond = metrics.BeyondAccuracy(tuple(cfg.beyond_accuracy_ks),
+                                      num_items, popularity_counts)
     acc = metrics.RankingMetrics(tuple(cfg.ks), protocol_name(cfg))
     bounds = [int(b) for b in cfg.frequency_buckets]
     by_freq = []
@@ -315,6 +420,11 @@ class Evaluator:
         b = batch["targets"].shape[0]
         return jnp.broadcast_to(constant[None, :], (b, constant.shape[0]))
       rank_fn = self._jit_rank(constant_scores)
+    elif host_scores is not None:
+      if self._rank_host_scores is None:  # one jit for every baseline
+        self._rank_host_scores = self._jit_rank(
+            lambda _, batch: batch[HOST_SCORES])
+      rank_fn = self._rank_host_scores
     compiled = {}
     if cfg.length_buckets:
       batches = length_bucketed(batches, multiple=cfg.bucket_multiple,
@@ -330,6 +440,8 @@ class Evaluator:
             self.model.num_items, cfg.num_negatives, cfg.negative_sampling,
             item_counts)
       model_batch["negatives"] = negatives
+      if host_scores is not None:
+        model_batch[HOST_SCORES] = self._host_scores(host_scores, history)
       global_batch = partitioning.host_to_global(model_batch, self.mesh)
       negs = global_batch.pop("negatives")
       with partitioning.with_rules(self.rules, self.mesh):
@@ -341,11 +453,14 @@ class Evaluator:
             compiled[shape] = rank_fn.lower(params, global_batch,
                                             negs).compile()
             distributed.barrier(f"eval_start_{shape[1]}")
-          ranks = compiled[shape](params, global_batch, negs)
+          out = compiled[shape](params, global_batch, negs)
         else:
-          ranks = rank_fn(params, global_batch, negs)
+          out = rank_fn(params, global_batch, negs)
+      ranks, top = out if self.top_k else (out, None)
       local_ranks = partitioning.process_local_rows(ranks)
       acc.add(local_ranks, valid=valid)
+      if beyond is not None:
+        beyond.add(partitioning.process_local_rows(top), valid, targets)
       if by_freq:
         bucket = frequency_bucket(target_counts(targets, item_counts), bounds)
         for b, bucket_acc in enumerate(by_freq):
@@ -355,52 +470,145 @@ class Evaluator:
     if by_freq:
       result["by_frequency"] = bucket_results(merged[1:], bounds)
       result["frequency_buckets"] = bounds
+    if beyond is not None:
+      result["beyond_accuracy"] = beyond.merge_across_processes().result()
     return result
+
+  def _host_scores(self, fn, history: np.ndarray) -> np.ndarray:
+    scores = np.asarray(fn(history), np.float32)
+    want = (history.shape[0], int(self.model.num_items))
+    if scores.shape != want:
+      raise ValueError(f"host scores have shape {scores.shape}; expected "
+                       f"{want} ([batch, num_items])")
+    return scores
 
 
 class RankingEvaluation:
-  """A run's ranking evaluation: the model (and the popularity baseline) on
-  each configured split, through `Evaluator`.
+  """A run's ranking evaluation: the model and the baselines
+  (`EvalConfig.baselines`) on each configured split, through `Evaluator`.
 
   Same interface as `generation.GenerationEvaluator`, so the runs treat
   every evaluation alike: `evaluate(model, params, data, mesh, rules) ->
   {split: metrics}` and `format_results(step, results) -> log lines`.
+
+  Baselines do not depend on the model: they are fitted at the first
+  evaluation and their results kept for later ones of the same data object
+  (a training run's periodic evaluations).
   """
 
   def __init__(self, config: EvalConfig):
     self.config = config
+    self._data = None          # the data object the cache below belongs to
+    self._fitted: Dict[str, Any] = {}
+    self._baseline_results: Dict[str, Dict[str, Any]] = {}
+    self._evaluator: Optional[Evaluator] = None
+
+  def _evaluator_for(self, model, mesh, rules) -> "Evaluator":
+    """The Evaluator of the last call when model, mesh and rules are the
+    same objects: its jitted functions (compiled per batch shape) are
+    reused by periodic evaluations instead of compiled again."""
+    ev = self._evaluator
+    if ev is None or not (ev.model is model and ev.mesh is mesh and
+                          ev.rules is rules):
+      ev = self._evaluator = Evaluator(model, mesh, rules, self.config)
+    return ev
 
   def evaluate(self, model, params, data, mesh, rules) -> Dict[str, Any]:
     cfg = self.config
-    ev = Evaluator(model, mesh, rules, cfg)
-    counts = data.train_item_counts()
+    ev = self._evaluator_for(model, mesh, rules)
+    counts = np.asarray(data.train_item_counts())
+    if data is not self._data:
+      self._data, self._baseline_results = data, {}
+      self._fitted = _agree_on_skips(baselines_lib.fit(
+          cfg.active_baselines, data, counts, ease_l2=cfg.ease_l2,
+          ease_max_items=cfg.ease_max_items, log=_log_baseline))
     results = {}
     for split in cfg.splits:
       results[split] = ev.evaluate(
-          params, data.eval_batches(split, cfg.batch_size), counts)
-      if cfg.popularity_baseline:
-        results[f"{split}_popularity"] = ev.evaluate(
-            params, data.eval_batches(split, cfg.batch_size), counts,
-            score_override=np.log1p(counts.astype(np.float64)))
+          params, data.eval_batches(split, cfg.batch_size), counts,
+          popularity_counts=counts)
+      for name in cfg.active_baselines:
+        key = f"{split}_{name}"
+        if key not in self._baseline_results:
+          self._baseline_results[key] = self._evaluate_baseline(
+              ev, params, data, split, name, counts)
+        results[key] = copy.deepcopy(self._baseline_results[key])
     return results
+
+  def _evaluate_baseline(self, ev: "Evaluator", params, data, split: str,
+                         name: str, counts: np.ndarray) -> Dict[str, Any]:
+    """`<split>_<name>`: the baseline's metrics (with a 'baseline' block
+    describing the fit), or {'skipped': why}."""
+    batches = data.eval_batches(split, self.config.batch_size)
+    if name == "popularity":
+      return ev.evaluate(params, batches, counts,
+                         score_override=np.log1p(counts.astype(np.float64)),
+                         popularity_counts=counts)
+    fitted = self._fitted[name]
+    if isinstance(fitted, baselines_lib.Skipped):
+      return {"skipped": fitted.reason}
+    t0 = time.perf_counter()
+    res = ev.evaluate(params, batches, counts,
+                      host_scores=fitted.score_history,
+                      popularity_counts=counts)
+    res["baseline"] = dict(fitted.describe(),
+                           eval_seconds=round(time.perf_counter() - t0, 3))
+    return res
 
   def format_results(self, step: int, results: Mapping[str, Any]
                      ) -> List[str]:
-    """One line per split, then (model splits only, not `*_popularity`)
-    one per target-frequency bucket."""
+    """One line per split (beyond-accuracy values appended), then (model
+    splits only, not the baselines') one per target-frequency bucket."""
     ks = self.config.ks
     keys = ([f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"])
-    lines = result_lines(
-        step, results, keys,
-        lambda res: f"{res.get('protocol')}, {res.get('num_users')} users")
+    beyond = [f"{m}@{k}" for k in self.config.beyond_accuracy_ks
+              for m in ("coverage", "popularity", "popularity_percentile")]
+    lines = []
     for split, res in results.items():
-      if split.endswith("_popularity") or not isinstance(res, Mapping):
+      if not isinstance(res, Mapping):
+        continue
+      if "skipped" in res:
+        lines.append(f"[eval step {step}] {split} skipped: {res['skipped']}")
+        continue
+      flat = dict(res)
+      flat.update({k: v for k, v in res.get("beyond_accuracy", {}).items()
+                   if v is not None})
+      lines += result_lines(
+          step, {split: flat}, keys + beyond,
+          lambda r: f"{r.get('protocol')}, {r.get('num_users')} users")
+    for split, res in results.items():
+      if (not isinstance(res, Mapping) or
+          split.endswith(tuple(f"_{b}" for b in baselines_lib.BASELINES))):
         continue
       lines += result_lines(
           step, {f"{split} by frequency {label}": bucket
                  for label, bucket in res.get("by_frequency", {}).items()},
           keys, lambda b: f"{b.get('num_users')} users")
     return lines
+
+
+def _agree_on_skips(fitted: Dict[str, Any]) -> Dict[str, Any]:
+  """Baselines skipped on any process are skipped on all (each evaluation
+  pass runs collectives every process must join)."""
+  if jax.process_count() == 1 or not fitted:
+    return fitted
+  names = sorted(fitted)
+  ok = [0.0 if isinstance(fitted[n], baselines_lib.Skipped) else 1.0
+        for n in names]
+  total = metrics.sum_across_processes(np.asarray(ok))
+  for name, count in zip(names, total):
+    if count < jax.process_count() and not isinstance(
+        fitted[name], baselines_lib.Skipped):
+      fitted[name] = baselines_lib.Skipped(
+          f"skipped on {jax.process_count() - int(count)} other process(es)"
+          " (see their log)")
+  return fitted
+
+
+def _log_baseline(line: str) -> None:
+  """Process 0 logs the fits; every process its own warnings."""
+  if jax.process_index() == 0 or line.startswith("WARNING"):
+    print(line, flush=True)
 
 
 def result_lines(step: int, results: Mapping[str, Mapping[str, Any]],
@@ -440,6 +648,8 @@ def write_results(model_dir: str, step: int, results: Dict[str, Any],
 
     def add(prefix, res):
       for k, v in res.items():
+        if k == "baseline":  # how a baseline was fitted: not a metric
+          continue
         if isinstance(v, dict):  # e.g. by_frequency/<label>/HR@10
           add(f"{prefix}/{k}", v)
         elif (isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -11,7 +11,9 @@ how ranks are computed and the pessimistic tie rule):
 batches and processes; its `result()` names the protocol the numbers come
 from, since full-ranking and sampled numbers are not comparable.
 `sample_negatives` draws the sampled protocol's negatives on the host. The
-ranks themselves are computed on device by `evaluator.Evaluator`. See
+ranks themselves are computed on device by `evaluator.Evaluator`.
+`BeyondAccuracy` accumulates the same way what the top-K lists hold:
+catalogue coverage@K and the training popularity of recommended items. See
 docs/EVALUATION.md.
 """
 
@@ -309,3 +311,167 @@ def sample_negatives(rng: RngLike,
             break
     out[row] = chosen
   return out
+
+
+# --------------------------------------------------------------------------
+# Beyond-accuracy metrics of the recommended top-K lists.
+
+
+def sum_across_processes(vector: Any) -> np.ndarray:
+  """Elementwise sum of a float64 vector over every JAX process (exact:
+  the bits travel as uint32, as in `merge_across_processes`)."""
+  v = np.ascontiguousarray(vector, np.float64).reshape(-1)
+  if jax.process_count() == 1:
+    return v
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  gathered = np.asarray(multihost_utils.process_allgather(v.view(np.uint32)))
+  return sum_bit_vectors(gathered)
+
+
+def popularity_percentiles(item_counts: Any) -> np.ndarray:
+  """[N] mid-rank percentile in [0, 1] of each item's training count.
+
+  percentile_i = (#{j : c_j < c_i} + #{j : c_j == c_i} / 2) / N, the
+  usual percentile rank: every item of an all-equal catalogue gets 0.5, the
+  single most popular item 1 - 1 / (2N). Unlike raw counts it does not
+  depend on the dataset's scale, so runs on different data compare.
+  """
+  c = np.asarray(item_counts, np.float64).reshape(-1)
+  if not c.size:
+    return np.zeros(0, np.float64)
+  ordered = np.sort(c)
+  below = np.searchsorted(ordered, c, side="left")
+  up_to = np.searchsorted(ordered, c, side="right")
+  return (below + 0.5 * (up_to - below)) / c.size
+
+
+@dataclasses.dataclass(eq=False)
+class BeyondAccuracy:
+  """Streaming, mergeable coverage and popularity of recommended top-K lists.
+
+  For each cutoff K: a per-item count of the evaluated users whose top-K
+  holds the item (catalogue coverage@K is the share of items with a
+  nonzero count: the union of all users' lists, which per-item counts keep
+  exact across batches and processes), and sums of the training count and
+  count percentile (`popularity_percentiles`) over every recommended slot.
+  The targets' popularity is accumulated too, as the reference a
+  recommender's popularity is read against. State is a float64 vector, so
+  shards combine by addition (`to_numpy`, `sum_across_processes`).
+
+  Attributes:
+    ks: cutoffs K.
+    num_items: catalogue size N (items 1..N).
+    item_counts: optional [N] training counts; without them only coverage
+      is computed.
+  """
+  ks: Tuple[int, ...]
+  num_items: int
+  item_counts: Optional[np.ndarray] = None
+
+  def __post_init__(self):
+    self.ks = _check_ks(self.ks)
+    self.num_items = int(self.num_items)
+    if self.num_items < 1:
+      raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+    self._pct = None
+    if self.item_counts is not None:
+      counts = np.asarray(self.item_counts, np.float64).reshape(-1)
+      if counts.shape != (self.num_items,):
+        raise ValueError(f"item_counts must have shape ({self.num_items},), "
+                         f"got {counts.shape}")
+      self.item_counts = counts
+      self._pct = popularity_percentiles(counts)
+    n, nk = self.num_items, len(self.ks)
+    self.hits = np.zeros((nk, n), np.float64)     # users per item in top-K
+    self.slots = np.zeros(nk, np.float64)          # recommended items
+    self.count_sum = np.zeros(nk, np.float64)      # their train counts
+    self.percentile_sum = np.zeros(nk, np.float64)
+    self.users = 0.0
+    self.target_count_sum = 0.0
+    self.target_percentile_sum = 0.0
+
+  def add(self, top_ids: Any, valid: Any = None, target_ids: Any = None
+          ) -> None:
+    """Adds a batch of recommended lists.
+
+    Args:
+      top_ids: [B, K'] item ids best first (0 = no item, e.g. when fewer
+        than K' candidates were left); K' >= max(ks) unless the catalogue
+        is smaller (a list is then all it has).
+      valid: optional [B] bool; False rows (padding) are skipped.
+      target_ids: optional [B] held-out items (their popularity is the
+        reference, with `item_counts`).
+    """
+    ids = np.asarray(top_ids, np.int64)
+    if ids.ndim != 2:
+      raise ValueError(f"top_ids must be [batch, k], got {ids.shape}")
+    keep = (np.ones(len(ids), bool) if valid is None else
+            np.asarray(valid, bool).reshape(-1))
+    if keep.shape != (len(ids),):
+      raise ValueError(f"valid shape {keep.shape} != ({len(ids)},)")
+    ids = ids[keep]
+    self.users += float(len(ids))
+    for i, k in enumerate(self.ks):
+      top = ids[:, :k]
+      top = top[(top >= 1) & (top <= self.num_items)] - 1
+      self.hits[i] += np.bincount(top, minlength=self.num_items)
+      self.slots[i] += top.size
+      if self.item_counts is not None:
+        self.count_sum[i] += self.item_counts[top].sum()
+        self.percentile_sum[i] += self._pct[top].sum()
+    if target_ids is not None and self.item_counts is not None:
+      t = np.asarray(target_ids, np.int64).reshape(-1)[keep]
+      t = t[(t >= 1) & (t <= self.num_items)] - 1
+      self.target_count_sum += self.item_counts[t].sum()
+      self.target_percentile_sum += self._pct[t].sum()
+
+  def to_numpy(self) -> np.ndarray:
+    """float64 [len(ks) * (N + 3) + 3]: the whole state, for summing."""
+    return np.concatenate([
+        self.hits.reshape(-1), self.slots, self.count_sum,
+        self.percentile_sum,
+        [self.users, self.target_count_sum, self.target_percentile_sum]])
+
+  def load_numpy(self, vector: Any) -> "BeyondAccuracy":
+    """Replaces the state by `vector` (a `to_numpy` layout, e.g. summed)."""
+    v = np.asarray(vector, np.float64).reshape(-1)
+    nk, n = len(self.ks), self.num_items
+    if v.shape != (nk * (n + 3) + 3,):
+      raise ValueError(f"expected {nk * (n + 3) + 3} values for ks="
+                       f"{self.ks}, N={n}; got shape {v.shape}")
+    self.hits = v[:nk * n].reshape(nk, n).copy()
+    rest = v[nk * n:]
+    self.slots, self.count_sum, self.percentile_sum = (
+        rest[:nk].copy(), rest[nk:2 * nk].copy(), rest[2 * nk:3 * nk].copy())
+    self.users, self.target_count_sum, self.target_percentile_sum = (
+        float(x) for x in rest[3 * nk:])
+    return self
+
+  def merge_across_processes(self) -> "BeyondAccuracy":
+    """Sums every process's state into this one (all get the total)."""
+    if jax.process_count() > 1:
+      self.load_numpy(sum_across_processes(self.to_numpy()))
+    return self
+
+  def result(self) -> Dict[str, Any]:
+    """{'coverage@K', 'covered_items@K'} and, with item counts,
+    {'popularity@K', 'popularity_percentile@K', 'target_popularity',
+    'target_popularity_percentile'}; means over no slot are None."""
+
+    def mean(total, count):
+      return float(total / count) if count else None
+    out: Dict[str, Any] = {}
+    for i, k in enumerate(self.ks):
+      covered = int((self.hits[i] > 0).sum())
+      out[f"coverage@{k}"] = covered / self.num_items
+      out[f"covered_items@{k}"] = covered
+    if self.item_counts is not None:
+      for i, k in enumerate(self.ks):
+        out[f"popularity@{k}"] = mean(self.count_sum[i], self.slots[i])
+        out[f"popularity_percentile@{k}"] = mean(self.percentile_sum[i],
+                                                 self.slots[i])
+      out["target_popularity"] = mean(self.target_count_sum, self.users)
+      out["target_popularity_percentile"] = mean(
+          self.target_percentile_sum, self.users)
+    return out
