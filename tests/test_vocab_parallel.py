@@ -15,7 +15,6 @@ host code, and makes the eight compilations four times faster.
 """
 
 import json
-import re
 
 import numpy as np
 import pytest

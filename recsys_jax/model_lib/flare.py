@@ -48,6 +48,7 @@ import numpy as np
 from recsys_jax.model_lib import base
 from recsys_jax.model_lib import losses
 from recsys_jax.model_lib import sequence
+from recsys_jax.models import bert4rec as bert4rec_lib
 from recsys_jax.models import flare as flare_lib
 from recsys_jax.models import item_vocab
 from recsys_jax.models import layers
@@ -252,7 +253,7 @@ class FlareModel(sequence.SequenceRecModel):
   def architecture(self) -> Dict[str, Any]:
     record = dataclasses.asdict(self.config)
     for part in (record["backbone"], record["perceiver"]):
-      for k in ("dropout_rate", "attention_dropout_rate", "dtype"):
+      for k in bert4rec_lib.TRAINING_ONLY_FIELDS:
         part.pop(k, None)
     identity = dict(self.host_tables.identity)
     # Top-level keys: a record that lacks them (an older checkpoint) is not

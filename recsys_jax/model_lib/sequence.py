@@ -353,7 +353,7 @@ class Bert4RecModel(SequenceRecModel):
     dtype are left out.
     """
     record = dataclasses.asdict(self.config)
-    for k in ("dropout_rate", "attention_dropout_rate", "dtype", "init"):
+    for k in bert4rec_lib.TRAINING_ONLY_FIELDS:
       record.pop(k, None)
     return {"module": type(self.module).__name__, **record}
 

@@ -20,6 +20,10 @@ Array = jax.Array
 
 # Kernel initialisations (Bert4RecConfig.init).
 INITS = ("bert", "fan_in")
+# Config fields that do not change the function trained parameters compute:
+# left out of the architecture records checked when parameters are restored.
+TRAINING_ONLY_FIELDS = ("dropout_rate", "attention_dropout_rate", "dtype",
+                        "init")
 
 
 def round_up(n: int, multiple: int) -> int:
