@@ -33,19 +33,11 @@ STEPS = 4
 TEXT_LEN = 16
 NUM_USERS = 200
 NUM_ITEMS = 150
-# LLVM optimisation off: only the host code changes, compilations (most of
-# these tests' time) get several times faster (as tests/test_vocab_parallel).
-# XLA:CPU's older (non-MLIR) fusion emitters: the same programs, compiled
-# about a third faster (the sharded test's five compilations).
-_FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                 "--xla_cpu_use_fusion_emitters=false")
-
 # -- the CLI pipeline ---------------------------------------------------------
 
 
 def _run(module, args):
-  env = helpers.subprocess_env(extra={"XLA_FLAGS": _FAST_COMPILE})
-  return helpers.run_entry(module, args, env=env)
+  return helpers.run_entry(module, args)
 
 
 def _embed(data_dir, output_dir, texts="items", seed=None):
@@ -420,7 +412,6 @@ SHARDED_CASES = (("bidirectional", "data_parallel"),
 def sharded_outputs(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("flare_sharded") / "outputs.pkl")
   env = helpers.subprocess_env(xla_devices=8)
-  env["XLA_FLAGS"] += " " + _FAST_COMPILE
   variant_setups = {}
   for variant, setup in SHARDED_CASES:
     variant_setups.setdefault(variant, []).append(setup)

@@ -27,13 +27,11 @@ STEPS = 2
 BATCH_SIZE = 8
 EVAL_EXAMPLES = 8
 BEAMS = 2
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
 LM_PATTERN = ("token_embedder", "encoder", "decoder", "lm_head")
 
 
 def _run(module, args):
-  env = helpers.subprocess_env(extra={"XLA_FLAGS": _FAST_COMPILE})
-  return helpers.run_entry(module, args, env=env)
+  return helpers.run_entry(module, args)
 
 
 def _t5_flags():

@@ -36,16 +36,10 @@ FIELD = "user_summary"
 FIELDS = ("user_summary", "purchase_reason", "endorsement")
 SPLITS = ("train", "validation", "test")
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
-# LLVM optimisation off and XLA:CPU's older (non-MLIR) fusion emitters:
-# compilations (most of these runs' time) get several times faster (as
-# tests/test_flare_e2e.py).
-_FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                 "--xla_cpu_use_fusion_emitters=false")
 
 
 def _run(module, args):
-  env = helpers.subprocess_env(extra={"XLA_FLAGS": _FAST_COMPILE})
-  return helpers.run_entry(module, args, env=env)
+  return helpers.run_entry(module, args)
 
 
 class RegenRun:

@@ -647,8 +647,6 @@ with open(out_path, "w") as f:
 def test_microbatched_sharded_step_equals_single_device(tmp_path):
   out = tmp_path / "result.json"
   env = helpers.subprocess_env(xla_devices=8)
-  # LLVM optimisation only changes host code; off, compiles are much faster.
-  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   helpers.run_script(_MICROBATCH_SHARDED_SCRIPT, [str(out)], env=env,
                      timeout=600).check()
   res = json.loads(out.read_text())
