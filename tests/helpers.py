@@ -37,7 +37,7 @@ TINY_MODEL_FLAGS = (
     "--gin.builders.bert4rec.hidden=16",
     "--gin.builders.bert4rec.mlp_dim=32",
     # The CLI tests exercise the bidirectional cloze model (quickstart.gin
-    # trains the causal mode; test_quickstart covers that).
+    # trains the causal mode; test_gin_files builds that config on real batches).
     "--gin.builders.bert4rec.causal=False",
     "--gin.builders.bert4rec.positions_from_end=True",
     "--gin.builders.bert4rec.output_transform=True",
