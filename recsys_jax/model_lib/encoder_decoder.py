@@ -32,6 +32,13 @@ and are placed by `soft_token_mode`:
 
 Without soft tokens (no module, no `soft_prefix`) the encoder reads the
 tokens alone, slot ids included.
+
+Prefix tuning (LANCER's knowledge and reasoning prompts): a `prefix_module`
+(params under `params['prefix']`) called as `module(batch,
+deterministic=...)` returns `(encoder_prefix, decoder_prefix)`, each None or
+one `layers.PrefixKV` (keys/values `[B, P, heads, d_kv]`, mask `[B, P]`) per
+layer of that stack, prepended to the layer's self-attention keys and values
+in training, scoring and (beam-search) generation.
 """
 
 import dataclasses
@@ -59,6 +66,8 @@ MODEL_FEATURES = (ENCODER_INPUT_TOKENS, DECODER_INPUT_TOKENS,
                   DECODER_TARGET_TOKENS, DECODER_LOSS_WEIGHTS)
 
 SOFT_TOKENS_KEY = "soft_tokens"  # params subtree of the soft-token module
+PREFIX_KEY = "prefix"  # params subtree of the prefix module
+_MODULE_KEYS = (SOFT_TOKENS_KEY, PREFIX_KEY)
 SOFT_TOKEN_MODES = ("prefix", "slots")
 # The additive sums of `loss_fn`'s aux.
 METRIC_SUMS = (base.LOSS_SUM, base.WEIGHT_SUM, "correct_sum", "nll_sum")
@@ -71,14 +80,17 @@ class SoftTokens(NamedTuple):
 
 def generate(module: t5_lib.T5, params, *, encoder_input_tokens, encoder_mask,
              inputs_embeds, max_decode_len: int, num_beams: int,
-             alpha: float, eos_id: int):
+             alpha: float, eos_id: int, encoder_prefix=None,
+             decoder_prefix=None):
   """The one call into the decoding code (`text.generation`, jitted, KV
   cache): `decoding.BeamResult` of `[B, K, T]` tokens, best first."""
   return generation.generate(module, params, encoder_input_tokens,
                              max_decode_len=max_decode_len,
                              num_beams=num_beams, alpha=alpha,
                              encoder_mask=encoder_mask,
-                             inputs_embeds=inputs_embeds, eos_id=eos_id)
+                             inputs_embeds=inputs_embeds, eos_id=eos_id,
+                             encoder_prefix=encoder_prefix,
+                             decoder_prefix=decoder_prefix)
 
 
 def _embed_tokens(module: t5_lib.T5, tokens: Array) -> Array:
@@ -134,6 +146,10 @@ class EncoderDecoderModel(base.BaseModel):
       'float32')}.
     soft_token_mode: 'prefix' or 'slots' (module docstring).
     slot_id: the token id marking slots ('slots' mode).
+    prefix_module: a Flax module giving per-layer prefix keys/values
+      (module docstring), or None.
+    prefix_inputs: batch features the prefix module reads, as
+      `soft_token_inputs`.
     label_smoothing: t5x-style label smoothing of the training loss.
     z_loss: coefficient of `logsumexp(logits)**2` added per token.
     max_decode_len: default generated length (EOS included) of
@@ -148,6 +164,9 @@ class EncoderDecoderModel(base.BaseModel):
                    Mapping[str, Tuple[Sequence[int], str]]] = None,
                soft_token_mode: str = "prefix",
                slot_id: Optional[int] = None,
+               prefix_module: Optional[nn.Module] = None,
+               prefix_inputs: Optional[
+                   Mapping[str, Tuple[Sequence[int], str]]] = None,
                label_smoothing: float = 0.0, z_loss: float = 0.0,
                max_decode_len: int = 32, num_beams: int = 1,
                alpha: float = 0.6):
@@ -177,9 +196,11 @@ class EncoderDecoderModel(base.BaseModel):
     self.module = t5_lib.T5(config)
     self.vocabulary = vocabulary
     self.soft_token_module = soft_token_module
-    self.soft_token_inputs = {
-        k: (tuple(int(d) for d in shape), str(dtype))
-        for k, (shape, dtype) in (soft_token_inputs or {}).items()}
+    as_spec = lambda spec: {k: (tuple(int(d) for d in shape), str(dtype))
+                            for k, (shape, dtype) in (spec or {}).items()}
+    self.soft_token_inputs = as_spec(soft_token_inputs)
+    self.prefix_module = prefix_module
+    self.prefix_inputs = as_spec(prefix_inputs)
     self.soft_token_mode = soft_token_mode
     self.slot_id = None if slot_id is None else int(slot_id)
     self.label_smoothing = float(label_smoothing)
@@ -192,17 +213,24 @@ class EncoderDecoderModel(base.BaseModel):
 
   def get_initial_variables(self, rng: Array,
                             batch_size: int = 2) -> Dict[str, Any]:
-    """{'params': T5 subtrees (+ 'soft_tokens')}, logically boxed leaves."""
-    t5_rng, soft_rng = jax.random.split(rng)
+    """{'params': T5 subtrees (+ 'soft_tokens', 'prefix')}, logically boxed
+    leaves."""
+    t5_rng, soft_rng, prefix_rng = jax.random.split(rng, 3)
     tokens = jnp.ones((batch_size, 2), jnp.int32)
     params = dict(self.module.init({"params": t5_rng}, tokens, tokens)[
         "params"])
-    if self.soft_token_module is not None:
+
+    def dummy_batch(spec):
       batch = {ENCODER_INPUT_TOKENS: tokens}
-      for name, (shape, dtype) in self.soft_token_inputs.items():
+      for name, (shape, dtype) in spec.items():
         batch[name] = jnp.zeros((batch_size,) + shape, dtype)
+      return batch
+    if self.soft_token_module is not None:
       params[SOFT_TOKENS_KEY] = self.soft_token_module.init(
-          {"params": soft_rng}, batch)["params"]
+          {"params": soft_rng}, dummy_batch(self.soft_token_inputs))["params"]
+    if self.prefix_module is not None:
+      params[PREFIX_KEY] = self.prefix_module.init(
+          {"params": prefix_rng}, dummy_batch(self.prefix_inputs))["params"]
     return {"params": params}
 
   def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array]
@@ -267,6 +295,14 @@ class EncoderDecoderModel(base.BaseModel):
     if self.soft_token_module is not None or self.soft_token_mode != "prefix":
       record["soft_token_mode"] = self.soft_token_mode
       record["slot_id"] = self.slot_id
+    if self.prefix_module is not None:
+      config = getattr(self.prefix_module, "config", None)
+      as_record = getattr(config, "architecture_record", None)
+      record["prefix_module"] = {
+          "class": type(self.prefix_module).__name__,
+          "config": (as_record() if callable(as_record) else
+                     dataclasses.asdict(config)
+                     if dataclasses.is_dataclass(config) else None)}
     return record
 
   def checkpoint_meta(self) -> Dict[str, Any]:
@@ -287,8 +323,26 @@ class EncoderDecoderModel(base.BaseModel):
   @staticmethod
   def split_params(params) -> Tuple[Dict[str, Any], Optional[Any]]:
     """(T5 params, soft-token module params or None)."""
-    t5_params = {k: v for k, v in params.items() if k != SOFT_TOKENS_KEY}
+    t5_params = {k: v for k, v in params.items() if k not in _MODULE_KEYS}
     return t5_params, params.get(SOFT_TOKENS_KEY)
+
+  def prefixes(self, params, batch: Batch,
+               dropout_rng: Optional[Array] = None) -> Tuple[Any, Any]:
+    """(encoder prefix, decoder prefix) of the batch: per layer
+    `layers.PrefixKV`, or None (no prefix module, or none for that stack)."""
+    if self.prefix_module is None:
+      return None, None
+    if PREFIX_KEY not in params:
+      raise KeyError(f"params lack the {PREFIX_KEY!r} subtree of the prefix "
+                     f"module; got top-level keys {sorted(params)}")
+    out = self.prefix_module.apply(
+        {"params": params[PREFIX_KEY]}, batch,
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise ValueError(f"{type(self.prefix_module).__name__} must return "
+                       "(encoder_prefix, decoder_prefix)")
+    return out
 
   def _loss_weights(self, batch: Batch) -> Array:
     weights = batch.get(DECODER_LOSS_WEIGHTS)
@@ -358,18 +412,22 @@ class EncoderDecoderModel(base.BaseModel):
     x = jnp.where(is_slot[:, :, None], gathered, embedded)
     return x, jnp.where(is_slot, soft_ok, mask)
 
-  def encode(self, params, batch: Batch, dropout_rng: Optional[Array] = None
-             ) -> Tuple[Array, Array]:
-    """Encoder outputs `[B, L', d_model]` and their mask `[B, L']`."""
+  def encode(self, params, batch: Batch, dropout_rng: Optional[Array] = None,
+             *, encoder_prefix: Any = None) -> Tuple[Array, Array]:
+    """Encoder outputs `[B, L', d_model]` and their mask `[B, L']`.
+
+    `encoder_prefix` (from `prefixes`) when given, else computed here."""
     soft_rng = None
     if dropout_rng is not None:
       dropout_rng, soft_rng = jax.random.split(dropout_rng)
     inputs_embeds, mask = self.encoder_inputs(params, batch, soft_rng)
     t5_params, _ = self.split_params(params)
     tokens = batch[ENCODER_INPUT_TOKENS] if inputs_embeds is None else None
+    if encoder_prefix is None:
+      encoder_prefix = self.prefixes(params, batch)[0]
     encoded = self.module.apply(
         {"params": t5_params}, tokens, mask, inputs_embeds=inputs_embeds,
-        deterministic=dropout_rng is None,
+        prefix=encoder_prefix, deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
         method=t5_lib.T5.encode)
     return encoded, mask
@@ -377,14 +435,16 @@ class EncoderDecoderModel(base.BaseModel):
   def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None
              ) -> Array:
     """Teacher-forced decoder logits `[B, T, vocab]` float32."""
-    enc_rng = dec_rng = None
+    enc_rng = dec_rng = prefix_rng = None
     if dropout_rng is not None:
-      enc_rng, dec_rng = jax.random.split(dropout_rng)
-    encoded, mask = self.encode(params, batch, enc_rng)
+      enc_rng, dec_rng, prefix_rng = jax.random.split(dropout_rng, 3)
+    encoder_prefix, decoder_prefix = self.prefixes(params, batch, prefix_rng)
+    encoded, mask = self.encode(params, batch, enc_rng,
+                                encoder_prefix=encoder_prefix)
     t5_params, _ = self.split_params(params)
     return self.module.apply(
         {"params": t5_params}, encoded, mask, batch[DECODER_INPUT_TOKENS],
-        deterministic=dec_rng is None,
+        prefix=decoder_prefix, deterministic=dec_rng is None,
         rngs=None if dec_rng is None else {"dropout": dec_rng},
         method=t5_lib.T5.decode)
 
@@ -423,13 +483,15 @@ class EncoderDecoderModel(base.BaseModel):
     alpha = self.alpha if alpha is None else float(alpha)
     inputs_embeds, mask = self.encoder_inputs(params, batch)
     t5_params, _ = self.split_params(params)
+    encoder_prefix, decoder_prefix = self.prefixes(params, batch)
     out = generate(
         self.module, t5_params,
         encoder_input_tokens=(batch[ENCODER_INPUT_TOKENS]
                               if inputs_embeds is None else None),
         encoder_mask=mask, inputs_embeds=inputs_embeds,
         max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha,
-        eos_id=t5_lib.EOS_ID)
+        eos_id=t5_lib.EOS_ID, encoder_prefix=encoder_prefix,
+        decoder_prefix=decoder_prefix)
     if return_all_beams:
       return out.tokens, out.scores
     return out.tokens[:, 0], out.scores[:, 0]

@@ -112,17 +112,26 @@ class ItemSoftTokensConfig:
   @property
   def used_sources(self) -> tuple:
     """('cf', 'semantic'), ('cf',) or ('semantic',)."""
-    return ("cf", "semantic") if self.sources == "fused" else (self.sources,)
+    return used_sources(self.sources)
 
 
-def check_tables(config: ItemSoftTokensConfig, tables) -> None:
-  """Raises ValueError when `tables` lack a source `config` reads."""
+def used_sources(sources: str) -> tuple:
+  """The tables a `sources` setting reads: ('cf', 'semantic') for 'fused'."""
+  return ("cf", "semantic") if sources == "fused" else (sources,)
+
+
+def check_tables(config, tables) -> None:
+  """Raises ValueError when `tables` lack a source `config` reads.
+
+  `config`: any config with `sources` and `used_sources` (this module's,
+  LANCER's `LancerConfig`); the error names its class.
+  """
   for source in config.used_sources:
     if np.shape(getattr(tables, source))[1] == 0:
       hint = ("fit or load a CF table (load_item_tables cf='als' or an "
               "export)" if source == "cf" else
               "pass an item-text cache (load_item_tables item_text_cache=)")
-      raise ValueError(f"ItemSoftTokensConfig.sources={config.sources!r} "
+      raise ValueError(f"{type(config).__name__}.sources={config.sources!r} "
                        f"reads the {source} table, which is empty "
                        f"(shape {np.shape(getattr(tables, source))}): {hint}")
 
@@ -142,33 +151,43 @@ def _source_init(num_sources: int):
 _INPUT_AXIS = {"cf": None, "semantic": "text_embed"}
 
 
+def source_vectors(module: nn.Module, tables, ids: Array, *, sources: str,
+                   normalize: bool) -> Dict[str, Array]:
+  """Per source of `sources`: the frozen rows of item ids `[...]`,
+  `[..., d_s]` float32, normalised when `normalize`.
+
+  An item the table misses (its `*_missing` flag) or an id outside the
+  table reads the learned vector `<source>_missing`, a parameter of
+  `module` (call this from its compact method: ItemSoftTokens, LANCER's
+  reasoning prompt).
+  """
+  num_rows = int(np.shape(tables.cf)[0])
+  in_range = (ids >= 0) & (ids < num_rows)
+  idx = jnp.where(in_range, ids, 0).astype(jnp.int32)
+  out = {}
+  for source in used_sources(sources):
+    table = jnp.asarray(getattr(tables, source), jnp.float32)
+    missing = jnp.take(jnp.asarray(getattr(tables, f"{source}_missing"), bool),
+                       idx, axis=0) | ~in_range
+    learned = module.param(
+        f"{source}_missing",
+        layers.logical(layers.default_kernel_init, (_INPUT_AXIS[source],)),
+        (table.shape[1],), jnp.float32)
+    x = jnp.where(missing[..., None], learned, jnp.take(table, idx, axis=0))
+    out[source] = _normalize(x) if normalize else x
+  return out
+
+
 class ItemSoftTokens(nn.Module):
   """`batch -> (embeds [B, S, d_model], mask [B, S])` (module docstring)."""
   config: ItemSoftTokensConfig
   tables: Any  # model_lib.item_embeddings.ItemTables (frozen constants)
 
   def _source_vectors(self, ids: Array) -> Dict[str, Array]:
-    """Per used source: `[..., d_s]` float32 rows (learned where missing),
-    normalised when configured."""
+    """Per used source: `[..., d_s]` float32 rows (`source_vectors`)."""
     cfg = self.config
-    t = self.tables
-    num_rows = int(np.shape(t.cf)[0])
-    in_range = (ids >= 0) & (ids < num_rows)
-    idx = jnp.where(in_range, ids, 0).astype(jnp.int32)
-    out = {}
-    for source in cfg.used_sources:
-      table = jnp.asarray(getattr(t, source), jnp.float32)
-      missing = jnp.take(jnp.asarray(getattr(t, f"{source}_missing"), bool),
-                         idx, axis=0) | ~in_range
-      learned = self.param(
-          f"{source}_missing",
-          layers.logical(layers.default_kernel_init,
-                         (_INPUT_AXIS[source],)),
-          (table.shape[1],), jnp.float32)
-      x = jnp.where(missing[..., None], learned,
-                    jnp.take(table, idx, axis=0))
-      out[source] = _normalize(x) if cfg.normalize else x
-    return out
+    return source_vectors(self, self.tables, ids, sources=cfg.sources,
+                          normalize=cfg.normalize)
 
   def _adapter(self, vectors: Mapping[str, Array], deterministic: bool
                ) -> Array:

@@ -221,12 +221,13 @@ class T5Encoder(nn.Module):
   def __call__(self, encoder_input_tokens: Optional[Array] = None,
                encoder_mask: Optional[Array] = None, *,
                inputs_embeds: Optional[Array] = None,
+               prefix: Optional[t5_layers.Prefixes] = None,
                deterministic: bool = True) -> Array:
     return _encode(self, encoder_input_tokens, encoder_mask, inputs_embeds,
-                   deterministic)
+                   deterministic, prefix)
 
 
-def _encode(module, tokens, mask, inputs_embeds, deterministic):
+def _encode(module, tokens, mask, inputs_embeds, deterministic, prefix=None):
   """Shared by `T5.encode` and `T5Encoder`."""
   if inputs_embeds is not None:
     if tokens is not None:
@@ -245,7 +246,7 @@ def _encode(module, tokens, mask, inputs_embeds, deterministic):
     x = module.token_embedder(tokens)
     if mask is None:
       mask = tokens != PAD_ID
-  return module.encoder(x, mask, deterministic=deterministic)
+  return module.encoder(x, mask, prefix=prefix, deterministic=deterministic)
 
 
 class T5(nn.Module):
@@ -269,6 +270,7 @@ class T5(nn.Module):
   def encode(self, encoder_input_tokens: Optional[Array],
              encoder_mask: Optional[Array] = None, *,
              inputs_embeds: Optional[Array] = None,
+             prefix: Optional[t5_layers.Prefixes] = None,
              deterministic: bool = True) -> Array:
     """Encoder outputs `[B, L, d_model]` (compute dtype).
 
@@ -279,10 +281,12 @@ class T5(nn.Module):
         `inputs_embeds`).
       inputs_embeds: `[B, L, d_model]` replacing the token embeddings (soft
         tokens).
+      prefix: per encoder layer, a `layers.PrefixKV` prepended to its
+        self-attention keys and values (prefix tuning).
       deterministic: False applies dropout (needs a 'dropout' rng).
     """
     return _encode(self, encoder_input_tokens, encoder_mask, inputs_embeds,
-                   deterministic)
+                   deterministic, prefix)
 
   def project_encoded(self, encoded: Array) -> t5_layers.CrossKV:
     """Per decoder layer, cross-attention (key, value) `[B, H, L, d_kv]`.
@@ -295,6 +299,7 @@ class T5(nn.Module):
              decoder_input_tokens: Array, *,
              decoder_positions: Optional[Array] = None,
              cross_kv: Optional[t5_layers.CrossKV] = None,
+             prefix: Optional[t5_layers.Prefixes] = None,
              decode: bool = False, deterministic: bool = True) -> Array:
     """Decoder logits `[B, T, vocab]` (float32).
 
@@ -305,6 +310,8 @@ class T5(nn.Module):
         per call in cached decoding.
       decoder_positions: optional `[B, T]` positions for the relative bias.
       cross_kv: `project_encoded(encoded)`, used instead of `encoded`.
+      prefix: per decoder layer, a `layers.PrefixKV` prepended to its
+        self-attention keys and values (prefix tuning).
       decode: KV-cache mode (mutable 'cache' collection; see
         `t5_layers.Decoder`).
       deterministic: False applies dropout (needs a 'dropout' rng).
@@ -316,7 +323,7 @@ class T5(nn.Module):
       encoder_mask = jnp.ones(encoded.shape[:2], bool)
     x = self.token_embedder(decoder_input_tokens)
     h = self.decoder(x, encoded, encoder_mask, decoder_positions,
-                     cross_kv=cross_kv, decode=decode,
+                     cross_kv=cross_kv, prefix=prefix, decode=decode,
                      deterministic=deterministic)
     if self.config.tie_word_embeddings:
       logits = self.token_embedder.attend(h * (self.config.d_model ** -0.5))
@@ -331,17 +338,21 @@ class T5(nn.Module):
                encoder_mask: Optional[Array] = None,
                inputs_embeds: Optional[Array] = None,
                decoder_positions: Optional[Array] = None,
+               encoder_prefix: Optional[t5_layers.Prefixes] = None,
+               decoder_prefix: Optional[t5_layers.Prefixes] = None,
                decode: bool = False, deterministic: bool = True) -> Array:
-    """Teacher-forced logits `[B, T, vocab]`."""
+    """Teacher-forced logits `[B, T, vocab]` (prefixes: see `encode` /
+    `decode`)."""
     if encoder_mask is None and inputs_embeds is None:
       encoder_mask = encoder_input_tokens != PAD_ID
     elif encoder_mask is None:
       encoder_mask = jnp.ones(inputs_embeds.shape[:2], bool)
     encoded = self.encode(encoder_input_tokens, encoder_mask,
                           inputs_embeds=inputs_embeds,
-                          deterministic=deterministic)
+                          prefix=encoder_prefix, deterministic=deterministic)
     return self.decode(encoded, encoder_mask, decoder_input_tokens,
-                       decoder_positions=decoder_positions, decode=decode,
+                       decoder_positions=decoder_positions,
+                       prefix=decoder_prefix, decode=decode,
                        deterministic=deterministic)
 
 

@@ -26,6 +26,8 @@ DType = Any
 # Per decoder layer, the encoder output's cross-attention (keys, values),
 # each `[B, heads, L, d_kv]` (`Decoder.project_encoded`).
 CrossKV = Sequence[Tuple[Array, Array]]
+# Per layer of a stack, the prefix keys/values of its self-attention.
+Prefixes = Sequence[layers.PrefixKV]
 
 
 def _normal(std: float):
@@ -208,10 +210,13 @@ class EncoderLayer(nn.Module):
     self.dropout = layers.Dropout(self.config.dropout_rate)
 
   def __call__(self, x: Array, bias: Array, *,
+               prefix: Optional[layers.PrefixKV] = None,
                deterministic: bool = True) -> Array:
-    """`x` `[B, L, D]`; `bias` `[B, H, L, L]`: position bias + key mask."""
+    """`x` `[B, L, D]`; `bias` `[B, H, L, L]`: position bias + key mask;
+    `prefix`: this layer's prefix keys/values (prefix tuning)."""
     h = self.pre_attention_layer_norm(x)
-    h = self.attention(h, bias=bias, deterministic=deterministic)
+    h = self.attention(h, bias=bias, prefix=prefix,
+                       deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x), deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
@@ -237,11 +242,13 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: Array, encoded: Optional[Array], self_bias: Array,
                cross_bias: Array, *,
                cross_kv: Optional[Tuple[Array, Array]] = None,
+               prefix: Optional[layers.PrefixKV] = None,
                decode: bool = False, decode_index: Optional[Array] = None,
                deterministic: bool = True) -> Array:
-    """One layer; `cross_kv` (this layer's) replaces `encoded` when given."""
+    """One layer; `cross_kv` (this layer's) replaces `encoded` when given;
+    `prefix` (this layer's) is prepended to the self-attention keys."""
     h = self.pre_self_attention_layer_norm(x)
-    h = self.self_attention(h, bias=self_bias, decode=decode,
+    h = self.self_attention(h, bias=self_bias, prefix=prefix, decode=decode,
                             decode_index=decode_index,
                             deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
@@ -254,6 +261,13 @@ class DecoderLayer(nn.Module):
     h = self.mlp(self.pre_mlp_layer_norm(x), deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, layers.BLOCK_AXES)
+
+
+def _check_prefix(prefix: Optional[Prefixes], num_layers: int,
+                  stack: str) -> None:
+  if prefix is not None and len(prefix) != num_layers:
+    raise ValueError(f"the {stack} prefix has {len(prefix)} layers; the "
+                     f"{stack} has {num_layers}")
 
 
 class StepCounter(nn.Module):
@@ -283,8 +297,11 @@ class Encoder(nn.Module):
     self.dropout = layers.Dropout(c.dropout_rate)
 
   def __call__(self, x: Array, mask: Array, *,
+               prefix: Optional[Prefixes] = None,
                deterministic: bool = True) -> Array:
-    """`x` `[B, L, D]` embeddings, `mask` `[B, L]` bool -> `[B, L, D]`."""
+    """`x` `[B, L, D]` embeddings, `mask` `[B, L]` bool -> `[B, L, D]`;
+    `prefix`: one `PrefixKV` per layer (or None)."""
+    _check_prefix(prefix, len(self.layers), "encoder")
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None]
     # Position bias plus key mask, computed once and shared by all layers
@@ -294,8 +311,9 @@ class Encoder(nn.Module):
             layers.mask_bias(layers.key_mask(mask)))
     x = nn.with_logical_constraint(x, layers.BLOCK_AXES)
     x = self.dropout(x, deterministic=deterministic)
-    for layer in self.layers:
-      x = layer(x, bias, deterministic=deterministic)
+    for i, layer in enumerate(self.layers):
+      x = layer(x, bias, prefix=None if prefix is None else prefix[i],
+                deterministic=deterministic)
     x = self.encoder_norm(x)
     return self.dropout(x, deterministic=deterministic)
 
@@ -332,7 +350,8 @@ class Decoder(nn.Module):
 
   def __call__(self, x: Array, encoded: Optional[Array], encoder_mask: Array,
                decoder_positions: Optional[Array] = None, *,
-               cross_kv: Optional[CrossKV] = None, decode: bool = False,
+               cross_kv: Optional[CrossKV] = None,
+               prefix: Optional[Prefixes] = None, decode: bool = False,
                deterministic: bool = True) -> Array:
     """Runs the stack.
 
@@ -343,6 +362,8 @@ class Decoder(nn.Module):
       decoder_positions: optional `[B, T]` positions for the relative bias
         (default `0..T-1`); ignored in cached steps.
       cross_kv: `project_encoded(encoded)`, used instead of `encoded`.
+      prefix: one `PrefixKV` per layer prepended to its self-attention keys
+        (also in cached steps: the cache holds only the generated keys).
       decode: cached decoding (see class docstring).
       deterministic: False applies dropout (needs a 'dropout' rng).
 
@@ -354,6 +375,7 @@ class Decoder(nn.Module):
     if cross_kv is not None and len(cross_kv) != len(self.layers):
       raise ValueError(f"cross_kv has {len(cross_kv)} layers; the decoder "
                        f"has {len(self.layers)}")
+    _check_prefix(prefix, len(self.layers), "decoder")
     length = x.shape[1]
     cross_bias = layers.mask_bias(layers.key_mask(encoder_mask))
     decode_index = None
@@ -384,7 +406,7 @@ class Decoder(nn.Module):
     for i, layer in enumerate(self.layers):
       x = layer(x, encoded, self_bias, cross_bias,
                 cross_kv=None if cross_kv is None else cross_kv[i],
-                decode=decode, decode_index=decode_index,
+                prefix=None if prefix is None else prefix[i], decode=decode, decode_index=decode_index,
                 deterministic=deterministic)
     x = self.decoder_norm(x)
     return self.dropout(x, deterministic=deterministic)

@@ -32,7 +32,7 @@ def project_encoded(model: nn.Module, params, encoded: Array) -> Any:
 
 def make_decoding_fns(model: nn.Module, params, encoded: Array,
                       encoder_mask: Optional[Array], max_decode_len: int, *,
-                      cross_kv: Any = None
+                      cross_kv: Any = None, decoder_prefix: Any = None
                       ) -> Tuple[decoding.TokensToLogits, Callable[[int], Any]]:
   """`(tokens_to_logits, init_cache)` for `recsys_jax.text.decoding`.
 
@@ -50,6 +50,8 @@ def make_decoding_fns(model: nn.Module, params, encoded: Array,
     max_decode_len: length of the self-attention cache (tokens generated).
     cross_kv: `project_encoded(model, params, encoded)` when already computed
       (e.g. on unexpanded rows, then expanded for beams); else computed here.
+    decoder_prefix: per decoder layer a `layers.PrefixKV` with the same N
+      rows as `encoded` (prefix tuning), or None.
   """
   if encoder_mask is None:
     encoder_mask = jnp.ones(encoded.shape[:2], bool)
@@ -59,10 +61,12 @@ def make_decoding_fns(model: nn.Module, params, encoded: Array,
   def init_cache(rows):
     # The first decode=True call creates the cache from a full-length input;
     # only its shapes are needed (eval_shape computes nothing).
+    first_rows = lambda x: x[:1].repeat(rows, 0)
     shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, encoded[:1].repeat(rows, 0),
-                            encoder_mask[:1].repeat(rows, 0),
+        lambda: model.apply({"params": params}, first_rows(encoded),
+                            first_rows(encoder_mask),
                             jnp.zeros((rows, max_decode_len), jnp.int32),
+                            prefix=jax.tree.map(first_rows, decoder_prefix),
                             decode=True, method="decode",
                             mutable=["cache"])[1]["cache"])
     # Every cache variable starts at zero (keys, values and cache_index).
@@ -71,6 +75,7 @@ def make_decoding_fns(model: nn.Module, params, encoded: Array,
   def tokens_to_logits(tokens, cache):
     logits, mutated = model.apply({"params": params, "cache": cache}, None,
                                   encoder_mask, tokens, cross_kv=cross_kv,
+                                  prefix=decoder_prefix,
                                   decode=True, method="decode",
                                   mutable=["cache"])
     return logits[:, -1, :], mutated["cache"]
@@ -84,7 +89,8 @@ def generate(model: nn.Module, params, encoder_input_tokens: Optional[Array],
              *, max_decode_len: int, num_beams: int = 1, alpha: float = 0.6,
              encoder_mask: Optional[Array] = None,
              inputs_embeds: Optional[Array] = None,
-             eos_id: int = t5_lib.EOS_ID) -> decoding.BeamResult:
+             eos_id: int = t5_lib.EOS_ID, encoder_prefix: Any = None,
+             decoder_prefix: Any = None) -> decoding.BeamResult:
   """Greedy (`num_beams=1`) or beam-search generation with a KV cache (jitted).
 
   Args:
@@ -99,6 +105,9 @@ def generate(model: nn.Module, params, encoder_input_tokens: Optional[Array],
       `inputs_embeds`).
     inputs_embeds: `[B, L, d_model]` soft tokens instead of token ids.
     eos_id: end of sequence; an id outside the vocabulary never ends a row.
+    encoder_prefix, decoder_prefix: per layer a `layers.PrefixKV` of B rows
+      (prefix tuning: `T5.encode` / `T5.decode`), or None; the decoder's is
+      repeated per beam.
 
   Returns:
     `BeamResult(tokens [B, K, T], scores [B, K])` sorted best first; tokens
@@ -111,12 +120,14 @@ def generate(model: nn.Module, params, encoder_input_tokens: Optional[Array],
     else:
       encoder_mask = encoder_input_tokens != t5_lib.PAD_ID
   encoded = model.apply({"params": params}, encoder_input_tokens, encoder_mask,
-                        inputs_embeds=inputs_embeds, method="encode")
+                        inputs_embeds=inputs_embeds, prefix=encoder_prefix,
+                        method="encode")
   batch = encoded.shape[0]
   cross_kv = project_encoded(model, params, encoded)
   if num_beams == 1:
     fn, init_cache = make_decoding_fns(model, params, encoded, encoder_mask,
-                                       max_decode_len, cross_kv=cross_kv)
+                                       max_decode_len, cross_kv=cross_kv,
+                                       decoder_prefix=decoder_prefix)
     out = decoding.greedy_search(fn, init_cache(batch),
                                  batch_size=batch,
                                  max_decode_len=max_decode_len, eos_id=eos_id)
@@ -124,7 +135,8 @@ def generate(model: nn.Module, params, encoder_input_tokens: Optional[Array],
   expand = functools.partial(decoding.expand_for_beams, beam_size=num_beams)
   fn, init_cache = make_decoding_fns(
       model, params, expand(encoded), expand(encoder_mask), max_decode_len,
-      cross_kv=jax.tree.map(expand, cross_kv))
+      cross_kv=jax.tree.map(expand, cross_kv),
+      decoder_prefix=jax.tree.map(expand, decoder_prefix))
   return decoding.beam_search(fn, init_cache(batch), batch_size=batch,
                               beam_size=num_beams,
                               max_decode_len=max_decode_len, alpha=alpha,

@@ -24,6 +24,7 @@ from recsys_jax.models.layers.attention import LARGE_NEGATIVE
 from recsys_jax.models.layers.attention import make_attention_mask
 from recsys_jax.models.layers.attention import mask_bias
 from recsys_jax.models.layers.attention import MultiHeadAttention
+from recsys_jax.models.layers.attention import PrefixKV
 from recsys_jax.models.layers.axes import axis_sharded
 from recsys_jax.models.layers.axes import BLOCK_AXES
 from recsys_jax.models.layers.axes import logical
@@ -45,7 +46,7 @@ from recsys_jax.models.layers.transformer import TransformerBlock
 __all__ = [
     "BLOCK_AXES", "CrossAttentionBlock", "DROPOUT_LEVELS", "Dropout",
     "HeadsOutput", "HeadsProjection", "LARGE_NEGATIVE", "Mlp",
-    "MultiHeadAttention", "RMSNorm", "TransformerBlock", "axis_sharded",
+    "MultiHeadAttention", "PrefixKV", "RMSNorm", "TransformerBlock", "axis_sharded",
     "default_kernel_init", "dense", "dropout_threshold", "embedding",
     "fan_in_init", "gelu",
     "key_mask", "layer_norm", "logical", "make_attention_mask", "mask_bias",

@@ -8,7 +8,7 @@ logits, their bias and the softmax are float32 whatever the compute dtype.
 """
 
 import functools
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,23 @@ LARGE_NEGATIVE = -1e9
 
 # Per-head activations: `[..., H, D]`, or (per-head layout) H arrays `[..., D]`.
 Heads = Union[Array, List[Array]]
+
+
+class PrefixKV(NamedTuple):
+  """Keys and values prepended to one attention layer's own (prefix tuning).
+
+  LANCER's knowledge and reasoning prompts, Li & Liang's prefix tuning: P
+  extra key/value positions that every query may attend to (where `mask`
+  is True), with no position bias, before the layer's own keys.
+
+  Attributes:
+    keys: `[B, P, H, D]`.
+    values: `[B, P, H, D]`.
+    mask: `[B, P]` bool, False at padded prefix positions.
+  """
+  keys: Array
+  values: Array
+  mask: Array
 
 
 def mask_bias(mask: Array) -> Array:
@@ -208,6 +225,11 @@ class MultiHeadAttention(nn.Module):
     * cross-attention: `project_memory(memory)` computes the memory's keys
       and values once per source; pass them as `memory_kv` at every step.
 
+  Prefix keys/values (`prefix`, a `PrefixKV`): prepended to the keys and
+  values of self-attention (also in cached decoding, where the cache holds
+  only the layer's own keys), with a zero logits bias where `prefix.mask`
+  is True and `LARGE_NEGATIVE` elsewhere; the heads-batched layout is used.
+
   Attributes:
     num_heads: H.
     head_dim: D (H * D need not equal the width of `x`).
@@ -268,6 +290,7 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: Array, memory: Optional[Array] = None, *,
                mask: Optional[Array] = None, bias: Optional[Array] = None,
                memory_kv: Optional[Tuple[Array, Array]] = None,
+               prefix: Optional[PrefixKV] = None,
                decode: bool = False, decode_index: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """Attends `x` `[B, Q, E]` to `memory` `[B, K, M]` (or to itself).
@@ -279,6 +302,7 @@ class MultiHeadAttention(nn.Module):
       bias: float, 4-D, broadcastable to `[B, H, Q, K]`, added to the logits.
       memory_kv: `project_memory(memory)` computed earlier (instead of
         `memory`).
+      prefix: keys/values prepended to self-attention's (class docstring).
       decode: self-attention KV cache (class docstring).
       decode_index: int32 scalar, the position written in a cached step.
       deterministic: False applies dropout (needs a 'dropout' rng).
@@ -292,8 +316,12 @@ class MultiHeadAttention(nn.Module):
     if decode and (memory is not None or memory_kv is not None):
       raise ValueError("decode=True caches self-attention keys; cached cross-"
                        "attention takes memory_kv=project_memory(memory)")
+    if prefix is not None and (memory is not None or memory_kv is not None):
+      raise ValueError("prefix keys/values are for self-attention; got a "
+                       "memory (cross-attention)")
     out_features = self.out_features or x.shape[-1]
-    per_head = self._use_per_head() and not decode and memory_kv is None
+    per_head = (self._use_per_head() and not decode and memory_kv is None
+                and prefix is None)
     logit_bias = None if mask is None else mask_bias(mask)
     if bias is not None:
       bias = bias.astype(jnp.float32)
@@ -314,6 +342,10 @@ class MultiHeadAttention(nn.Module):
       k = self.key(source, per_head=per_head)
       v = self.value(source, per_head=per_head)
       spec = ("bqd", "bkd", "bqk") if per_head else ("bqhd", "bkhd", "bhqk")
+    if prefix is not None:
+      k, v, logit_bias = self._prepend(prefix, k, v, logit_bias,
+                                       head_major=spec[1] == "bhkd",
+                                       queries=x.shape[1])
     dropout = Dropout(self.dropout_rate)
 
     def attend(q, k, v, logit_bias):
@@ -337,6 +369,36 @@ class MultiHeadAttention(nn.Module):
     else:
       out = attend(q, k, v, logit_bias)
     return self.out(out, out_features)
+
+  def _prepend(self, prefix: PrefixKV, k: Array, v: Array,
+               logit_bias: Optional[Array], *, head_major: bool,
+               queries: int) -> Tuple[Array, Array, Array]:
+    """Keys, values and logits bias with `prefix` in front of the keys."""
+    pk, pv, pmask = prefix
+    want = (k.shape[0], None, self.num_heads, self.head_dim)
+    for name, a in (("keys", pk), ("values", pv)):
+      if (a.ndim != 4 or a.shape[0] != want[0] or a.shape[2:] != want[2:]):
+        raise ValueError(
+            f"prefix {name} must be [batch={want[0]}, P, heads="
+            f"{self.num_heads}, head_dim={self.head_dim}]; got {a.shape}")
+    if pv.shape != pk.shape or pmask.shape != pk.shape[:2]:
+      raise ValueError(f"prefix keys {pk.shape}, values {pv.shape} and mask "
+                       f"{pmask.shape} do not agree ([B, P, H, D] / [B, P])")
+    if head_major:
+      pk, pv = jnp.swapaxes(pk, 1, 2), jnp.swapaxes(pv, 1, 2)
+    axis = 2 if head_major else 1
+    k = jnp.concatenate([pk.astype(k.dtype), k], axis=axis)
+    v = jnp.concatenate([pv.astype(v.dtype), v], axis=axis)
+    own = k.shape[axis] - pk.shape[axis]
+    prefix_bias = mask_bias(pmask.astype(bool))[:, None, None, :]
+    if logit_bias is None:
+      logit_bias = jnp.zeros((1, 1, 1, own), jnp.float32)
+    lead = jnp.broadcast_shapes(logit_bias.shape[:2], prefix_bias.shape[:2])
+    lead = lead + (max(queries, logit_bias.shape[2]),)
+    logit_bias = jnp.concatenate(
+        [jnp.broadcast_to(prefix_bias, lead + prefix_bias.shape[-1:]),
+         jnp.broadcast_to(logit_bias, lead + logit_bias.shape[-1:])], axis=-1)
+    return k, v, logit_bias
 
   def _cached_keys_values(self, x: Array, decode_index: Optional[Array]):
     """Self-attention keys/values `[B, H, max_len, D]` through the KV cache."""
