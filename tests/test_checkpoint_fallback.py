@@ -183,6 +183,23 @@ def test_eval_of_an_unreadable_step_names_step_and_file(tmp_path):
     restore.restore_params(model, str(tmp_path), mesh, rules, 2)
 
 
+class _WiderLinear(_WideLinear):
+  """The same model with one more parameter (a later version of it)."""
+
+  def get_initial_variables(self, rng, batch_size=2):
+    params = super().get_initial_variables(rng, batch_size)["params"]
+    return {"params": dict(params, gate=jnp.zeros(()))}
+
+
+def test_a_parameter_the_checkpoint_lacks_is_named(tmp_path):
+  _train(tmp_path, 2)
+  mesh, rules = _mesh(), partitioning.get_rules("data_parallel")
+  with pytest.raises(checkpoints.CheckpointReadError) as err:
+    restore.restore_params(_WiderLinear(), str(tmp_path), mesh, rules, 2)
+  msg = str(err.value)
+  assert "has no value for 1 parameter(s)" in msg and "['gate']" in msg, msg
+
+
 def test_params_only_checkpoint_names_the_file(tmp_path):
   """An export's params/ (and init-from sources read to the host)."""
   path = str(tmp_path / "params")

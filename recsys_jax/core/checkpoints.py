@@ -197,7 +197,18 @@ class Checkpointer:
               restore_args=ocp.checkpoint_utils.construct_restore_args(
                   target),
               partial_restore=True))["params"]
-    return read_guarded(self.describe(step), directory, read, keys="params.")
+    params = read_guarded(self.describe(step), directory, read,
+                          keys="params.")
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+      raise CheckpointReadError(
+          f"{self.describe(step)} has no value for {len(missing)} parameter"
+          f"(s) the configured model has, e.g. params{missing[0]} (written "
+          "by an older version of the model, or another model): retrain, or "
+          "initialise a new run from it with init_from")
+    return params
 
   def restore_meta(self, step: int) -> dict:
     """The JSON metadata saved at `step` (CheckpointReadError if corrupt)."""

@@ -6,12 +6,16 @@ whether it was hit). Text models (with `predict_batch`): for every example
 of the split, the generated text beside its reference and input, through
 the run's evaluator (`GenerationEvaluator.records`). Each process writes the
 rows of its own input shard to
-`MODEL_DIR/predict/<split>_step<step>[.process<i>].jsonl`.
+`MODEL_DIR/predict/<split>_step<step>[.process<i>].jsonl`, and beside it
+`<...>.timing.json`: rows written, seconds of the prediction loop and the
+steady rate (rows per second after the first batch, which carries the jit
+compilation) — what the generative-recommender table reports as users/s.
 """
 
 import itertools
 import json
 import os
+import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import jax
@@ -162,10 +166,41 @@ def predict(*, model_dir: str, data, model,
                               rules=rules)
     what = f"users' top-{top_k}"
   written = 0
+  start = time.perf_counter()
+  first_batch_end = None
   with open(path + ".tmp", "w") as f:
     for record in records:
+      if first_batch_end is None:
+        first_batch_end = time.perf_counter()
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       written += 1
   os.replace(path + ".tmp", path)
-  print(f"Wrote {written} {what} to {path}", flush=True)
+  timing = prediction_timing(written, start, first_batch_end,
+                             time.perf_counter(),
+                             batch_size // jax.process_count())
+  with open(timing_path(path), "w") as f:
+    json.dump(timing, f, indent=2)
+  rate = timing["steady_rows_per_second"]
+  print(f"Wrote {written} {what} to {path} in {timing['seconds']:.1f} s"
+        + (f" ({rate:.1f} per second after the first batch)" if rate else ""),
+        flush=True)
   return path
+
+
+def timing_path(path: str) -> str:
+  """The timing record beside a predictions file."""
+  return path[:-len(".jsonl")] + ".timing.json"
+
+
+def prediction_timing(rows: int, start: float, first_batch_end: Optional[
+    float], end: float, local_batch_size: int) -> Dict[str, Any]:
+  """Rows, loop seconds and the rate after the first batch (None when
+  there was only one batch: its time includes the compilation)."""
+  rest = rows - min(rows, int(local_batch_size))
+  steady = None
+  if first_batch_end is not None and rest > 0 and end > first_batch_end:
+    steady = rest / (end - first_batch_end)
+  return {"rows": int(rows), "seconds": round(end - start, 3),
+          "first_batch_seconds": (None if first_batch_end is None else
+                                  round(first_batch_end - start, 3)),
+          "steady_rows_per_second": steady}
