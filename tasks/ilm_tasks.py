@@ -1,4 +1,5 @@
-"""SeqIO tasks of ILM (issue 20): Q-Former pretraining pairs and item slots.
+"""SeqIO tasks of ILM (issue 20) and LANCER (issue 21): Q-Former pretraining
+pairs, item slots, history titles and the knowledge task.
 
 ILM (Yang et al. 2024) trains a Q-Former item encoder in two phases. Every
 task here reads a prepared dataset once, on first use, into numpy columns
@@ -38,14 +39,16 @@ their `*_pretokenized` strings) whose inputs write every item as
 `tokens_per_item` space-separated copies of the slot token `<extra_id_99>`
 (the dataset vocabulary with 100 extra ids encodes each to its single id,
 `slot_token_id`; the preprocessor `write_slot_inputs` writes them from
-`slot_items`), plus int32 passthrough features:
+`slot_items`) -- or, with `items_as='titles'`, as their titles (below) --
+plus int32 passthrough features:
 
   slot_items     [max_slot_items] the items in the order of their slots,
-                 0-padded at the end (1 for item_to_title, max_history
-                 otherwise)
-  target_item    [1] the item whose title is the target
+                 oldest first, 0-padded at the end (1 for item_to_title
+                 and item_to_text, max_history otherwise)
+  target_item    [1] the item whose title (item_to_text: text) is the
+                 target
   history_items  [max_history] the user's visible history (= the slot
-                 items of the history tasks; 0 for item_to_title), for
+                 items of the history tasks; 0 for the item tasks), for
                  excluding the history from rankings
   item_index     [] the target item again (as the text tasks')
 
@@ -71,7 +74,31 @@ Tasks:
                          has_critiques false) is refused at registration.
                          Examples also carry `critique`.
 
+  item_to_text           'item: <slots>' -> the item's text without its title
+                         (categories, brand and description, rendered by
+                         `text/item_texts.py`): LANCER's knowledge task. The
+                         item split of item_to_title; items without a title
+                         or without that text are skipped and counted.
+
 Targets without a title are skipped and counted (`ILMSource.stats`).
+
+Items as titles (`items_as='titles'`, LANCER, Li et al. 2023): no slot
+tokens; `write_title_inputs` writes the non-zero `slot_items` as their
+titles in plain text joined by ' ; ', NEWEST FIRST:
+'history: <title of x_{t-1}> ; <title of x_{t-2}> ; ... ; <oldest title>'
+(item_to_text: 'item: <title>'). `slot_items` / `history_items` keep their
+meaning and order (oldest first, 0-padded at the end); only the text is
+reversed, so that when the tokenised input is cut at max_input_len (seqio's
+trim, before EOS) it is the OLDEST titles that are lost: a history longer
+than the window uses its last items, and `max_history` is the window in
+items, max_input_len in tokens. `ilm_data.ILMData` checks that the prompt,
+the longest title and EOS fit, so the newest title is always whole. An item
+without a title is left out of the text. The titles are looked up in TF (a
+string table by item id, read from items.jsonl once per registration on
+first use, and `tf.gather`), not stored per example. The critique of
+critique_next_title is still written after the history (' critique:
+<text>'), so a history that fills max_input_len cuts the critique first.
+item_to_title is refused with titles (its input would be its target).
 """
 
 import functools
@@ -100,7 +127,15 @@ PHASE1_TASKS = (ITEM_TEXT, ITEM_ITEM, USER_ITEM)
 ITEM_TO_TITLE = "item_to_title"
 HISTORY_TO_NEXT_TITLE = "history_to_next_title"
 CRITIQUE_NEXT_TITLE = "critique_next_title"
-PHASE2_TASKS = (ITEM_TO_TITLE, HISTORY_TO_NEXT_TITLE, CRITIQUE_NEXT_TITLE)
+ITEM_TO_TEXT = "item_to_text"  # LANCER's knowledge task
+PHASE2_TASKS = (ITEM_TO_TITLE, HISTORY_TO_NEXT_TITLE, CRITIQUE_NEXT_TITLE,
+                ITEM_TO_TEXT)
+# Phase-2 tasks of one item (its slots / title), on the item split.
+ITEM_TASKS = (ITEM_TO_TITLE, ITEM_TO_TEXT)
+# How phase-2 inputs write an item (module docstring).
+SLOTS = "slots"
+TITLES = "titles"
+ITEMS_AS = (SLOTS, TITLES)
 
 # Features.
 ITEM = "item"
@@ -126,6 +161,10 @@ EOS_ID = 1
 ITEM_PROMPT = "item:"
 HISTORY_PROMPT = "history:"
 CRITIQUE_PROMPT = "critique:"
+TITLE_SEPARATOR = " ; "
+# The fields of item_to_text's target: an item's text without its title.
+KNOWLEDGE_FIELDS = (item_texts.CATEGORIES, item_texts.BRAND,
+                    item_texts.DESCRIPTION)
 PREPARE_HINT = text_tasks.PREPARE_HINT
 
 
@@ -503,7 +542,41 @@ def register_ilm_pretrain_task(
 
 def max_slot_items(task: str, max_history: int) -> int:
   """`slot_items` width of phase-2 task `task`."""
-  return 1 if task == ITEM_TO_TITLE else int(max_history)
+  return 1 if task in ITEM_TASKS else int(max_history)
+
+
+def check_items_as(items_as: str, task: str, what: str = "ILM") -> None:
+  """Fails (one line) on an unknown `items_as` or item_to_title with titles.
+  """
+  if items_as not in ITEMS_AS:
+    raise ValueError(f"{what} items_as={items_as!r}: expected one of "
+                     f"{list(ITEMS_AS)}")
+  if items_as == TITLES and task == ITEM_TO_TITLE:
+    raise ValueError(
+        f"{what} task {ITEM_TO_TITLE!r} with items_as={TITLES!r}: its input "
+        f"would be its target (the item's title), a copy task; use "
+        f"{ITEM_TO_TEXT!r} (title -> the item's text) or items_as={SLOTS!r}")
+
+
+def title_table(data_dir: str) -> Callable[[], List[str]]:
+  """A callable returning the titles by item id (`[N + 2]`, 0 and N + 1
+  empty), read from items.jsonl on its first call and kept."""
+  return functools.lru_cache(maxsize=1)(functools.partial(
+      item_texts.texts_by_index, data_dir, (item_texts.TITLE,)))
+
+
+def _item_columns(items: Sequence[int], targets: Sequence[str],
+                  max_history: int) -> Dict[str, np.ndarray]:
+  """Columns of the one-item tasks: the item is slot, target and index."""
+  n = len(items)
+  kept = np.asarray(items, np.int32).reshape(n)
+  return {
+      ITEM_INDEX: kept,
+      TARGETS: np.asarray(list(targets), object).reshape(n),
+      SLOT_ITEMS: kept.reshape(n, 1),
+      TARGET_ITEM: kept.reshape(n, 1).copy(),
+      HISTORY_ITEMS: np.zeros((n, max_history), np.int32),
+  }
 
 
 def _item_to_title_columns(data_dir: str, *, split_fn, max_history: int):
@@ -511,16 +584,26 @@ def _item_to_title_columns(data_dir: str, *, split_fn, max_history: int):
   columns, stats = {}, {}
   for split, items in split_fn(len(titles) - 2).items():
     kept = [int(i) for i in items if titles[int(i)]]
-    n = len(kept)
-    columns[split] = {
-        ITEM_INDEX: np.asarray(kept, np.int32),
-        TARGETS: np.asarray([titles[i] for i in kept], object),
-        SLOT_ITEMS: np.asarray(kept, np.int32).reshape(n, 1),
-        TARGET_ITEM: np.asarray(kept, np.int32).reshape(n, 1),
-        HISTORY_ITEMS: np.zeros((n, max_history), np.int32),
-    }
-    stats[split] = {"items": len(items), "examples": n,
-                    "skipped_no_title": len(items) - n}
+    columns[split] = _item_columns(kept, [titles[i] for i in kept],
+                                   max_history)
+    stats[split] = {"items": len(items), "examples": len(kept),
+                    "skipped_no_title": len(items) - len(kept)}
+  return columns, stats
+
+
+def _item_to_text_columns(data_dir: str, *, split_fn, max_history: int):
+  titles = item_texts.texts_by_index(data_dir, (item_texts.TITLE,))
+  texts = item_texts.texts_by_index(data_dir, KNOWLEDGE_FIELDS)
+  columns, stats = {}, {}
+  for split, items in split_fn(len(titles) - 2).items():
+    items = [int(i) for i in items]
+    no_title = sum(1 for i in items if not titles[i])
+    kept = [i for i in items if titles[i] and texts[i]]
+    columns[split] = _item_columns(kept, [texts[i] for i in kept],
+                                   max_history)
+    stats[split] = {"items": len(items), "examples": len(kept),
+                    "skipped_no_title": no_title,
+                    "skipped_no_text": len(items) - len(kept) - no_title}
   return columns, stats
 
 
@@ -531,6 +614,15 @@ def history_inputs(num_items: int, tokens_per_item: int,
   if critique is not None:
     text += f" {CRITIQUE_PROMPT} {critique}"
   return text
+
+
+def _inputs(ex: Dict[str, tf.Tensor], prompt: str, items: tf.Tensor
+            ) -> tf.Tensor:
+  """'<prompt> <items>' (+ ' critique: <critique>' where `ex` has one)."""
+  parts = [f"{prompt} ", items]
+  if CRITIQUE in ex:
+    parts += [f" {CRITIQUE_PROMPT} ", ex[CRITIQUE]]
+  return tf.strings.join(parts)
 
 
 def write_slot_inputs(ds: tf.data.Dataset, *, prompt: str,
@@ -547,10 +639,34 @@ def write_slot_inputs(ds: tf.data.Dataset, *, prompt: str,
     count = tf.math.count_nonzero(ex[SLOT_ITEMS], dtype=tf.int32)
     slots = tf.strings.reduce_join(
         tf.fill([count * tokens_per_item], SLOT_TOKEN), separator=" ")
-    parts = [f"{prompt} ", slots]
-    if CRITIQUE in ex:
-      parts += [f" {CRITIQUE_PROMPT} ", ex[CRITIQUE]]
-    return {**ex, INPUTS: tf.strings.join(parts)}
+    return {**ex, INPUTS: _inputs(ex, prompt, slots)}
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def write_title_inputs(ds: tf.data.Dataset, *, prompt: str,
+                       titles: Callable[[], Sequence[str]]
+                       ) -> tf.data.Dataset:
+  """SeqIO preprocessor: `inputs` = '<prompt> <newest title> ; ... ;
+  <oldest title>' (+ ' critique: ...').
+
+  The non-zero `slot_items` (oldest first) are written newest first, so
+  that seqio's trim at max_input_len drops the oldest titles (module
+  docstring); items without a title are left out of the text.
+
+  Args:
+    ds: examples with `slot_items` (and `critique`, written after them).
+    prompt: 'history:' or 'item:'.
+    titles: returns the titles by item id (`title_table`); gathered in TF.
+  """
+  table = tf.constant(list(titles()), tf.string)
+
+  def fn(ex):
+    items = ex[SLOT_ITEMS]
+    newest_first = tf.reverse(tf.boolean_mask(items, items != 0), [0])
+    names = tf.gather(table, newest_first)
+    names = tf.boolean_mask(names, tf.strings.length(names) > 0)
+    text = tf.strings.reduce_join(names, separator=TITLE_SEPARATOR)
+    return {**ex, INPUTS: _inputs(ex, prompt, text)}
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -597,7 +713,8 @@ def register_ilm_task(
     data_dir: str,
     *,
     task: str,
-    tokens_per_item: int = 8,
+    items_as: str = SLOTS,
+    tokens_per_item: Optional[int] = 8,
     max_history: int = 10,
     max_input_len: int = 128,
     max_target_len: int = 32,
@@ -616,21 +733,23 @@ def register_ilm_task(
     name: prefix of the task name.
     data_dir: prepared dataset with a SentencePiece model (read lazily;
       critique_next_title reads stats.json now).
-    task: 'item_to_title', 'history_to_next_title' or
-      'critique_next_title' (module docstring).
-    tokens_per_item: slot tokens per item.
-    max_history: most recent history items written as slots
+    task: 'item_to_title', 'history_to_next_title',
+      'critique_next_title' or 'item_to_text' (module docstring).
+    items_as: 'slots' (slot tokens, ILM) or 'titles' (the items' titles in
+      plain text, newest first, LANCER; not with item_to_title).
+    tokens_per_item: slot tokens per item (unused with titles).
+    max_history: most recent history items written as slots or titles
       (`history_items` width, and `slot_items`' for the history tasks).
     max_input_len, max_target_len: default lengths of `inputs` / `targets`
       (EOS included), recorded in `task.config`.
     train_prefixes: history tasks: train on every prefix of the training
       part (else only the last).
-    extra_ids: sentinels of the vocabulary (>= 100: the slot token is
-      `<extra_id_99>`).
+    extra_ids: sentinels of the vocabulary (with slots >= 100: the slot
+      token is `<extra_id_99>`).
     vocab_path: SentencePiece model (default `<data_dir>/spm.model`).
-    seed: item_to_title's item split seed (as text_tasks') and
+    seed: the item tasks' item split seed (as text_tasks') and
       `get_dataset`'s.
-    validation_fraction, test_fraction: item_to_title's held-out items.
+    validation_fraction, test_fraction: the item tasks' held-out items.
     shuffle_buffer_size: post-preprocessing shuffle buffer.
     prepare_hint: command printed when the dataset is missing.
 
@@ -641,9 +760,12 @@ def register_ilm_task(
   if task not in PHASE2_TASKS:
     raise ValueError(f"ILM task {task!r}: expected one of "
                      f"{list(PHASE2_TASKS)}")
-  check_extra_ids(extra_ids)
-  if int(tokens_per_item) < 1:
-    raise ValueError(f"ILM tokens_per_item={tokens_per_item}: expected >= 1")
+  check_items_as(items_as, task)
+  if items_as == SLOTS:
+    check_extra_ids(extra_ids)
+    if tokens_per_item is None or int(tokens_per_item) < 1:
+      raise ValueError(f"ILM tokens_per_item={tokens_per_item}: expected >= "
+                       "1 (slot tokens per item)")
   if int(max_history) < 1:
     raise ValueError(f"ILM max_history={max_history}: expected >= 1")
   if max_input_len < 2 or max_target_len < 2:
@@ -655,11 +777,13 @@ def register_ilm_task(
   vocab_file = vocab_path or text_tasks.default_vocab_path(data_dir)
   vocabulary = text_tasks.dataset_vocabulary(
       data_dir, extra_ids=extra_ids, vocab_path=vocab_file, check=False)
-  if task == ITEM_TO_TITLE:
+  if task in ITEM_TASKS:
     split_fn = functools.partial(
         text_tasks.split_items, seed=seed,
         validation_fraction=validation_fraction, test_fraction=test_fraction)
-    build = functools.partial(_item_to_title_columns, split_fn=split_fn,
+    columns_fn = (_item_to_title_columns if task == ITEM_TO_TITLE
+                  else _item_to_text_columns)
+    build = functools.partial(columns_fn, split_fn=split_fn,
                               max_history=int(max_history))
     prompt = ITEM_PROMPT
   else:
@@ -670,8 +794,16 @@ def register_ilm_task(
   source = ILMSource(data_dir, build=build, count_column=ITEM_INDEX,
                      vocab_path=vocab_file, description=task,
                      prepare_hint=prepare_hint)
-  config = dict(task=task, data_dir=data_dir,
-                tokens_per_item=int(tokens_per_item),
+  if items_as == SLOTS:
+    tokens_per_item = int(tokens_per_item)
+    write_inputs = seqio.utils.add_kwargs_to_transform(
+        write_slot_inputs, prompt=prompt, tokens_per_item=tokens_per_item)
+  else:
+    tokens_per_item = None
+    write_inputs = seqio.utils.add_kwargs_to_transform(
+        write_title_inputs, prompt=prompt, titles=title_table(data_dir))
+  config = dict(task=task, data_dir=data_dir, items_as=items_as,
+                tokens_per_item=tokens_per_item,
                 max_history=int(max_history),
                 max_slot_items=max_slot_items(task, max_history),
                 max_input_len=max_input_len, max_target_len=max_target_len,
@@ -685,9 +817,7 @@ def register_ilm_task(
       full_name, source=source,
       output_features=text_tasks.output_features(vocabulary),
       preprocessors=[
-          seqio.utils.add_kwargs_to_transform(
-              write_slot_inputs, prompt=prompt,
-              tokens_per_item=int(tokens_per_item)),
+          write_inputs,
           seqio.preprocessors.tokenize,
           seqio.preprocessors.append_eos_after_trim],
       shuffle_buffer_size=shuffle_buffer_size,

@@ -110,6 +110,25 @@ def test_mapper_argument_errors():
     mapper.rank([["Red Shoe"]], 2, exclude=[set(), set()])
 
 
+def test_with_search_shares_the_titles_and_starts_new_counts():
+  exact = item_mapping.ItemMapper(TITLES)
+  exact.map(["Red Shoe"])
+  mapper = exact.with_search(item_vectors(), bag_of_words)
+  assert mapper.can_search and not exact.can_search
+  assert mapper.titles is exact.titles and mapper.num_duplicate_titles == 1
+  ids, kinds = mapper.match(["blue hat!!", "shoe red big"])
+  np.testing.assert_array_equal(ids, [2, 3])
+  assert kinds == ["exact", "nearest"]
+  assert mapper.counts == {"exact": 1, "nearest": 1, "none": 0}
+  assert exact.counts == {"exact": 1, "nearest": 0, "none": 0}
+  assert exact.map(["shoe red big"])[0] == 0  # the original is unchanged
+  with pytest.raises(ValueError, match="needs both item_vectors and "
+                     "encode_fn"):
+    exact.with_search(item_vectors(), None)
+  with pytest.raises(ValueError, match=r"shape \(6, 7\), expected \[7, E\]"):
+    exact.with_search(item_vectors()[1:], bag_of_words)
+
+
 # -- ranked lists -------------------------------------------------------------
 
 BEAMS = [["Red Shoe", "red shoe!", "Blue Hat", "purple"],  # 1, 1, 2, none

@@ -10,9 +10,12 @@ token accuracy, perplexity) and `exact_match`.
 
 With `item_mapping`, the generations are item titles: every beam (best
 first) is mapped back to a catalogue item (`item_mapping.ItemMapper`: exact
-normalised title, else the nearest item of an item-text cache), giving a
-ranked list per row scored against the batch's `target_item` (HR@K,
-NDCG@K, exact-title accuracy, semantic consistency; `item_mapping.summarize`).
+normalised title, else the nearest item of an item-text cache, or with
+`item_vectors='token_embeddings'` the nearest title under the evaluated
+model's own pooled token embeddings, LANCER's mapping:
+`token_embedding_mapping`), giving a ranked list per row scored against the
+batch's `target_item` (HR@K, NDCG@K, exact-title accuracy, semantic
+consistency; `item_mapping.summarize`).
 
 References are the batches' `targets_pretokenized` strings when present,
 else the detokenised `decoder_target_tokens`. Every process decodes its own
@@ -34,6 +37,7 @@ from recsys_jax.evaluation import evaluator
 from recsys_jax.evaluation import item_mapping as item_mapping_lib
 from recsys_jax.evaluation import metrics as metrics_lib
 from recsys_jax.evaluation import text_metrics
+from recsys_jax.evaluation import token_embedding_mapping
 
 TARGETS_PRETOKENIZED = "targets_pretokenized"
 INPUTS_PRETOKENIZED = "inputs_pretokenized"
@@ -42,6 +46,9 @@ USER_ID = "user_id"
 VALID = "valid"
 TARGET_ITEM = "target_item"
 HISTORY_ITEMS = "history_items"
+# GenerationEvalConfig.item_vectors: the nearest-item index of item_mapping.
+CACHE, TOKEN_EMBEDDINGS = "cache", "token_embeddings"
+ITEM_VECTORS = (CACHE, TOKEN_EMBEDDINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +78,19 @@ class GenerationEvalConfig:
     ranking_ks: the cutoffs K of HR@K and NDCG@K.
     exclude_history: drop the batch's `history_items` (when present) from
       the ranked lists.
+    item_vectors: the nearest-item index for texts that match no title:
+      'cache' (the pooled vectors of `item_vectors_cache` under its encoder;
+      no cache: exact matches only) or 'token_embeddings' (LANCER: titles
+      and generated texts pooled over the evaluated model's own input token
+      embedding, `params['token_embedder']['embedding']`, by
+      `token_pooling`; re-pooled at every evaluation, as the params change).
     item_vectors_cache: an `embed_items --texts=items` cache of the dataset
       whose pooled vectors are the nearest-item index for texts that match
-      no title; None: exact matches only.
+      no title (item_vectors='cache'); None: exact matches only.
     mapping_encoder_checkpoint: the weights of that cache's encoder when
       they are not at the path its manifest names (checked by fingerprint).
+    token_pooling: how item_vectors='token_embeddings' pools a text's token
+      rows: 'max' (LANCER) or 'mean'.
   """
   splits: Sequence[str] = ("validation", "test")
   batch_size: int = 64
@@ -92,6 +107,8 @@ class GenerationEvalConfig:
   exclude_history: bool = True
   item_vectors_cache: Optional[str] = None
   mapping_encoder_checkpoint: Optional[str] = None
+  item_vectors: str = CACHE
+  token_pooling: str = token_embedding_mapping.MAX
 
   def __post_init__(self):
     if int(self.batch_size) < 1:
@@ -108,11 +125,36 @@ class GenerationEvalConfig:
       raise ValueError(f"GenerationEvalConfig.ranking_ks={self.ranking_ks!r}:"
                        " expected distinct positive cutoffs, e.g. (5, 10)")
     object.__setattr__(self, "ranking_ks", ks)
+    if self.item_vectors not in ITEM_VECTORS:
+      raise ValueError(f"GenerationEvalConfig.item_vectors="
+                       f"{self.item_vectors!r}: expected one of "
+                       f"{ITEM_VECTORS}")
+    if self.token_pooling not in token_embedding_mapping.POOLINGS:
+      raise ValueError(f"GenerationEvalConfig.token_pooling="
+                       f"{self.token_pooling!r}: expected one of "
+                       f"{token_embedding_mapping.POOLINGS}")
+    if (self.token_pooling != token_embedding_mapping.MAX
+        and self.item_vectors != TOKEN_EMBEDDINGS):
+      raise ValueError(f"GenerationEvalConfig.token_pooling="
+                       f"{self.token_pooling!r} applies to item_vectors="
+                       f"'{TOKEN_EMBEDDINGS}' (item_vectors="
+                       f"{self.item_vectors!r})")
     if not self.item_mapping:
       for name in ("item_vectors_cache", "mapping_encoder_checkpoint"):
         if getattr(self, name) is not None:
           raise ValueError(f"GenerationEvalConfig.{name}="
                            f"{getattr(self, name)!r} needs item_mapping=True")
+      if self.item_vectors != CACHE:
+        raise ValueError(f"GenerationEvalConfig.item_vectors="
+                         f"{self.item_vectors!r} needs item_mapping=True")
+    if self.item_vectors == TOKEN_EMBEDDINGS:
+      for name in ("item_vectors_cache", "mapping_encoder_checkpoint"):
+        if getattr(self, name) is not None:
+          raise ValueError(
+              f"GenerationEvalConfig.{name}={getattr(self, name)!r} conflicts "
+              f"with item_vectors='{TOKEN_EMBEDDINGS}' (the items are searched"
+              " under the model's own token embedding, not a cache's "
+              "encoder); set one of them")
     if (self.mapping_encoder_checkpoint is not None
         and self.item_vectors_cache is None):
       raise ValueError(
@@ -125,6 +167,16 @@ def _decode(vocabulary, tokens: np.ndarray) -> List[str]:
   """Detokenised rows of `[N, T]` ids (up to EOS, padding ignored)."""
   return [vocabulary.decode([int(t) for t in row if int(t) != 0])
           for row in np.asarray(tokens)]
+
+
+def _vocabulary(model):
+  """The model's seqio vocabulary (it detokenises the generations)."""
+  vocabulary = getattr(model, "vocabulary", None)
+  if vocabulary is None:
+    raise ValueError(f"{type(model).__name__} has no vocabulary to "
+                     "detokenise generations with (pass vocabulary= to "
+                     "its constructor / builder)")
+  return vocabulary
 
 
 def _as_text(values) -> List[str]:
@@ -175,7 +227,9 @@ class GenerationEvaluator:
       `text_metrics.sentence_encoder(config.encoder_checkpoint)`.
     item_mapper: the `item_mapping.ItemMapper` of the evaluated dataset;
       default, with `config.item_mapping`, built by `evaluate` from
-      `data.data_dir` (`item_mapping.load_item_mapper`).
+      `data.data_dir` (`item_mapping.load_item_mapper`). With
+      item_vectors='token_embeddings' only its titles are used (searched
+      under the evaluated params: `item_mapper_for`).
     mapping_encode_fn: the encoder of `config.item_vectors_cache` for the
       default mapper; default `item_mapping.cache_encoder` of that cache.
   """
@@ -184,12 +238,19 @@ class GenerationEvaluator:
                *, encode_fn: Optional[text_metrics.EncodeFn] = None,
                item_mapper: Optional[item_mapping_lib.ItemMapper] = None,
                mapping_encode_fn: Optional[text_metrics.EncodeFn] = None):
+    if (mapping_encode_fn is not None
+        and config.item_vectors == TOKEN_EMBEDDINGS):
+      raise ValueError(
+          "GenerationEvaluator: mapping_encode_fn (the encoder of an item "
+          f"vectors cache) conflicts with item_vectors='{TOKEN_EMBEDDINGS}'")
     self.config = config
     self._encode_fn = encode_fn
     self._jitted: Dict[tuple, Callable] = {}
     self._item_mapper = item_mapper
     self._mapper_dir: Optional[str] = None
     self._mapping_encode_fn = mapping_encode_fn
+    # (titles mapper, vocabulary, TitleTokens) of a constructor's mapper.
+    self._own_title_tokens: Optional[tuple] = None
 
   @property
   def encode_fn(self) -> Optional[text_metrics.EncodeFn]:
@@ -201,7 +262,9 @@ class GenerationEvaluator:
   def item_mapper(self, data_dir: Optional[str] = None
                   ) -> item_mapping_lib.ItemMapper:
     """The mapper given to the constructor, else the one of `data_dir`
-    (built once per directory)."""
+    (built once per directory). With item_vectors='token_embeddings' it
+    matches exact titles only; `item_mapper_for` adds the search under the
+    evaluated params."""
     cfg = self.config
     if self._item_mapper is not None and (
         self._mapper_dir is None or data_dir in (None, self._mapper_dir)):
@@ -217,6 +280,30 @@ class GenerationEvaluator:
         encoder_checkpoint=cfg.mapping_encoder_checkpoint)
     self._mapper_dir = data_dir
     return self._item_mapper
+
+  def item_mapper_for(self, model, params, data_dir: Optional[str] = None
+                      ) -> item_mapping_lib.ItemMapper:
+    """The mapper evaluating `params` uses: `item_mapper(data_dir)`; with
+    item_vectors='token_embeddings' its titles searched under `params`'
+    input token embedding, pooled by `config.token_pooling` (re-pooled on
+    every call; the titles are tokenised with `model.vocabulary` once)."""
+    mapper = self.item_mapper(data_dir)
+    if self.config.item_vectors != TOKEN_EMBEDDINGS:
+      return mapper
+    vocabulary = _vocabulary(model)
+    if self._mapper_dir is not None and mapper is self._item_mapper:
+      tokens = token_embedding_mapping.title_tokens(self._mapper_dir,
+                                                    vocabulary)
+    else:  # the constructor's mapper: its titles, tokenised here once
+      own = self._own_title_tokens
+      if own is None or own[0] is not mapper or own[1] is not vocabulary:
+        own = (mapper, vocabulary,
+               token_embedding_mapping.TitleTokens(mapper.titles, vocabulary))
+        self._own_title_tokens = own
+      tokens = own[2]
+    return token_embedding_mapping.token_embedding_mapper(
+        tokens, vocabulary, token_embedding_mapping.model_token_embedding(
+            params), self.config.token_pooling, exact=mapper)
 
   def _fns(self, model, mesh):
     """Jitted (predict, teacher-forced sums), cached per model and mesh."""
@@ -252,23 +339,22 @@ class GenerationEvaluator:
     max(ranking_ks) items of `ItemMapper.rank`), and `history_excluded`
     (whether the row's `history_items` were dropped). The mapper is
     `item_mapper`, else the evaluator's (given to the constructor or built
-    by `item_mapper(data_dir)` / `evaluate`); without one the item fields
-    are left out. With `sums` (a dict), the teacher-forced `loss_fn` sums
-    are added to it.
+    by `item_mapper(data_dir)` / `evaluate`; with
+    item_vectors='token_embeddings' searched under `params`:
+    `item_mapper_for`); without one the item fields are left out. With
+    `sums` (a dict), the teacher-forced `loss_fn` sums are added to it.
     """
     cfg = self.config
+    vocabulary = _vocabulary(model)
     mapper = None
     if cfg.item_mapping:
-      mapper = item_mapper if item_mapper is not None else self._item_mapper
+      mapper = item_mapper
+      if mapper is None and self._item_mapper is not None:
+        mapper = self.item_mapper_for(model, params)
     mesh = mesh if mesh is not None else partitioning.make_mesh(1)
     rules = partitioning.get_rules(rules if rules is not None
                                    else "data_parallel")
     predict, sums_fn = self._fns(model, mesh)
-    vocabulary = model.vocabulary
-    if vocabulary is None:
-      raise ValueError(f"{type(model).__name__} has no vocabulary to "
-                       "detokenise generations with (pass vocabulary= to "
-                       "its constructor / builder)")
     for local in batches:
       if mapper is not None and TARGET_ITEM not in local:
         raise ValueError(
@@ -387,7 +473,8 @@ class GenerationEvaluator:
     cfg = self.config
     mapper = None
     if cfg.item_mapping:
-      mapper = item_mapper if item_mapper is not None else self.item_mapper()
+      mapper = (item_mapper if item_mapper is not None
+                else self.item_mapper_for(model, params))
     sums = {} if cfg.teacher_forced else None
     recs = list(self.records(model, params, batches, mesh=mesh, rules=rules,
                              sums=sums, item_mapper=mapper))
@@ -415,11 +502,13 @@ class GenerationEvaluator:
   def evaluate(self, model, params, data, mesh=None, rules=None, *,
                return_pairs: bool = False) -> Dict[str, Dict[str, Any]]:
     """{split: metrics} over `data.eval_batches(split, batch_size)`; with
-    `config.item_mapping` the titles are those of `data.data_dir`."""
+    `config.item_mapping` the titles are those of `data.data_dir` (and with
+    item_vectors='token_embeddings' searched under these `params`)."""
     cfg = self.config
     mapper = None
     if cfg.item_mapping:
-      mapper = self.item_mapper(getattr(data, "data_dir", None))
+      mapper = self.item_mapper_for(model, params,
+                                    getattr(data, "data_dir", None))
     results = {}
     for split in cfg.splits:
       batches = data.eval_batches(split, cfg.batch_size)

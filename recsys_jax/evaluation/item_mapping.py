@@ -11,6 +11,11 @@ scored as a recommender by mapping its text back to the catalogue:
            `encode_fn(text)`; needs both
   none     no encoder / vectors, or an empty text: item 0 (padding)
 
+The vectors and encoder are those of an item-text cache (`load_item_mapper`,
+`cache_encoder`) or, LANCER's rule, the evaluated LM's pooled token
+embeddings (`token_embedding_mapping`; `ItemMapper.with_search` swaps the
+search of a mapper without re-indexing its titles).
+
 `ItemMapper.rank` turns the K beams of one row (best first) into a ranked
 list of k items: each beam mapped in order, repeats dropped (first kept),
 excluded items (the user's history) dropped, then, with an encoder, filled
@@ -28,6 +33,7 @@ space as the cached vectors.
 """
 
 import collections
+import copy
 import os
 import unicodedata
 from typing import (Dict, List, Mapping, NamedTuple, Optional, Sequence, Set,
@@ -137,18 +143,36 @@ class ItemMapper:
         self.num_duplicate_titles += 1
       else:
         self._index[key] = item
+    self._set_search(item_vectors, encode_fn)
+
+  def _set_search(self, item_vectors: Optional[np.ndarray],
+                  encode_fn: Optional[text_metrics.EncodeFn]) -> None:
+    """Installs the nearest-item index and resets `counts`."""
     self._encode_fn = encode_fn
     self._vectors = None
     if item_vectors is not None:
       vectors = np.asarray(item_vectors)
-      if vectors.ndim != 2 or vectors.shape[0] != len(titles):
+      if vectors.ndim != 2 or vectors.shape[0] != len(self.titles):
         raise ValueError(
             f"ItemMapper: item_vectors has shape {vectors.shape}, expected "
-            f"[{len(titles)}, E] (row 0 padding, then one row per title)")
+            f"[{len(self.titles)}, E] (row 0 padding, then one row per "
+            "title)")
       self._vectors, self._searchable = _unit_rows(vectors)
       self._searchable[0] = False
     self.counts: collections.Counter = collections.Counter(
         {k: 0 for k in MATCH_KINDS})
+
+  def with_search(self, item_vectors: np.ndarray,
+                  encode_fn: text_metrics.EncodeFn) -> "ItemMapper":
+    """A mapper of the same titles (exact index shared, not rebuilt) whose
+    nearest-item search uses `item_vectors` `[N + 1, E]` and `encode_fn`
+    instead of this one's; its `counts` start at zero."""
+    if item_vectors is None or encode_fn is None:
+      raise ValueError("ItemMapper.with_search: needs both item_vectors and "
+                       "encode_fn")
+    mapper = copy.copy(self)
+    mapper._set_search(item_vectors, encode_fn)  # pylint: disable=protected-access
+    return mapper
 
   @property
   def can_search(self) -> bool:

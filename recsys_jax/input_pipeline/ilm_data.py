@@ -1,4 +1,5 @@
-"""A run's ILM data (issue 20): phase-1 pairs and phase-2 item-slot batches.
+"""A run's ILM / LANCER data (issues 20, 21): phase-1 pairs and phase-2
+batches of items as slots or as titles.
 
 Phase 1 (Q-Former pretraining) serves the tasks of `tasks/ilm_tasks.py` as
 entries of `mixture.MixtureData` (each step's batch is one task's); every
@@ -24,6 +25,14 @@ Phase 2 (`ILMData`, a `text_data.TextData`): encoder-decoder batches whose
 task has them. Every batch is checked on the host (`check_slots`): a row
 whose slot-token count is not tokens_per_item x its non-zero `slot_items`
 fails naming the example.
+
+With `items_as='titles'` (LANCER) the encoder reads the items' titles in
+plain text, newest first ('history: <newest> ; ... ; <oldest>'; the item
+tasks 'item: <title>'), and there are no slot tokens: `tokens_per_item`
+and `slot_id` are unused, and the host check (`check_title_rows`) is that
+every row has at least one item, 0-padding last. max_input_len must hold
+the prompt, the longest title and EOS (checked at construction); a longer
+history loses its OLDEST titles to the trim, never the newest.
 """
 
 import functools
@@ -294,19 +303,54 @@ def check_slots(batch: Mapping[str, np.ndarray], *, slot_id: int,
       + detail)
 
 
-def _checked(batches: Iterator[Dict[str, np.ndarray]], *, slot_id: int,
-             tokens_per_item: int, where: Callable[[int], str],
+def check_title_rows(batch: Mapping[str, np.ndarray], *, where: str,
+                     first_example: int = 0) -> None:
+  """Fails unless every row has an item in `slot_items`, padding last.
+
+  The check of batches whose items are written as titles (no slot tokens
+  to count): a row without an item would be a prompt alone. The padding
+  rows of evaluation batches (`valid` 0) are not checked.
+
+  Args:
+    batch: host batch with `slot_items` [B, S] (and `valid` [B]).
+    where: the task and split, named in the error.
+    first_example: index of row 0 in the stream (named in the error).
+
+  Raises:
+    BadInputError: naming the first bad example.
+  """
+  items = np.asarray(batch[ilm_tasks.SLOT_ITEMS])
+  nonzero = items != 0
+  empty = ~np.any(nonzero, axis=1)
+  if text_data.VALID in batch:
+    empty &= np.asarray(batch[text_data.VALID]) > 0
+  gap = np.any(nonzero[:, 1:] & ~nonzero[:, :-1], axis=1)
+  bad = np.flatnonzero(empty | gap)
+  if not len(bad):
+    return
+  r = int(bad[0])
+  detail = (f"slot_items {items[r].tolist()} has an item after a 0 (padding "
+            "must come last)" if gap[r] else
+            f"slot_items {items[r].tolist()} has no item (at least one "
+            "title is written per row)")
+  raise bad_input.BadInputError(
+      where, None, f"example {first_example + r} (row {r} of its batch): "
+      + detail)
+
+
+def _checked(batches: Iterator[Dict[str, np.ndarray]], *,
+             check: Callable[..., None], where: Callable[[int], str],
              first_example: int, rows: int
              ) -> Iterator[Dict[str, np.ndarray]]:
-  """`batches`, each passed through `check_slots` (closing the source).
+  """`batches`, each passed through `check` (closing the source).
 
-  `where(k)` names batch k of the stream; batch k's row 0 is example
-  `first_example + k * rows`.
+  `check(batch, where=, first_example=)` is `check_slots` (its slot
+  arguments bound) or `check_title_rows`; `where(k)` names batch k of the
+  stream; batch k's row 0 is example `first_example + k * rows`.
   """
   try:
     for k, batch in enumerate(batches):
-      check_slots(batch, slot_id=slot_id, tokens_per_item=tokens_per_item,
-                  where=where(k), first_example=first_example + k * rows)
+      check(batch, where=where(k), first_example=first_example + k * rows)
       yield batch
   finally:
     close = getattr(batches, "close", None)
@@ -321,16 +365,21 @@ class ILMData(text_data.TextData):
     name: prefix of the task name (`<name>_ilm_<task>`).
     data_dir: prepared dataset with a SentencePiece model (and critiques
       for critique_next_title).
-    task: 'item_to_title', 'history_to_next_title' or
-      'critique_next_title' (`tasks/ilm_tasks.py`).
-    tokens_per_item: slot tokens per item (the item encoder's tokens).
-    max_history: most recent history items written as slots.
+    task: 'item_to_title', 'history_to_next_title',
+      'critique_next_title' or 'item_to_text' (`tasks/ilm_tasks.py`).
+    items_as: 'slots' (slot tokens, ILM; default) or 'titles' (the items'
+      titles in plain text, newest first, LANCER; not with item_to_title).
+    tokens_per_item: slot tokens per item (the item encoder's tokens);
+      unused with titles (`self.tokens_per_item` is then None).
+    max_history: most recent history items written as slots or titles.
     max_input_len, max_target_len: encoder / decoder lengths (EOS included;
-      the inputs of max_history items must fit, checked here when the
-      vocabulary exists).
-    extra_ids: sentinels of the vocabulary (>= 100; as the model builder's).
-    seed: item_to_title's item split seed and the train stream's.
-    validation_fraction, test_fraction: item_to_title's held-out items.
+      with slots the inputs of max_history items must fit, with titles the
+      prompt and the longest title; checked here when the vocabulary
+      exists).
+    extra_ids: sentinels of the vocabulary (as the model builder's; >= 100
+      with slots).
+    seed: the item tasks' item split seed and the train stream's.
+    validation_fraction, test_fraction: the item tasks' held-out items.
     train_prefixes: history tasks train on every prefix of a user's
       training part (else only the last).
     host_input, eval_cache_bytes: as `TextData`.
@@ -342,7 +391,8 @@ class ILMData(text_data.TextData):
 
   def __init__(self, name: str, data_dir: str, *,
                task: str = ilm_tasks.HISTORY_TO_NEXT_TITLE,
-               tokens_per_item: int = 8, max_history: int = 10,
+               items_as: str = ilm_tasks.SLOTS,
+               tokens_per_item: Optional[int] = 8, max_history: int = 10,
                max_input_len: int = 128, max_target_len: int = 32,
                extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS, seed: int = 0,
                validation_fraction: float = 0.05, test_fraction: float = 0.05,
@@ -353,7 +403,11 @@ class ILMData(text_data.TextData):
     if task not in ilm_tasks.PHASE2_TASKS:
       raise ValueError(f"ILMData.task={task!r}: expected one of "
                        f"{list(ilm_tasks.PHASE2_TASKS)}")
-    self.tokens_per_item = int(tokens_per_item)
+    ilm_tasks.check_items_as(items_as, task, "ILMData")
+    self.items_as = items_as
+    self.tokens_per_item = (None if items_as == ilm_tasks.TITLES
+                            or tokens_per_item is None
+                            else int(tokens_per_item))
     self.max_history = int(max_history)
     self.train_prefixes = bool(train_prefixes)
     super().__init__(
@@ -366,7 +420,7 @@ class ILMData(text_data.TextData):
 
   def _register(self, **task_options) -> str:
     return ilm_tasks.register_ilm_task(
-        self.name, self.data_dir, task=self.task,
+        self.name, self.data_dir, task=self.task, items_as=self.items_as,
         tokens_per_item=self.tokens_per_item, max_history=self.max_history,
         max_input_len=self.max_input_len, max_target_len=self.max_target_len,
         train_prefixes=self.train_prefixes, extra_ids=self.extra_ids,
@@ -374,7 +428,7 @@ class ILMData(text_data.TextData):
 
   @property
   def max_slot_items(self) -> int:
-    """`slot_items` width: 1 for item_to_title, else max_history."""
+    """`slot_items` width: 1 for the item tasks, else max_history."""
     return ilm_tasks.max_slot_items(self.task, self.max_history)
 
   def passthrough_lengths(self) -> Dict[str, int]:
@@ -390,23 +444,54 @@ class ILMData(text_data.TextData):
   @functools.cached_property
   def slot_id(self) -> int:
     """Id of the slot token `<extra_id_99>` in `encoder_input_tokens`."""
+    if self.items_as == ilm_tasks.TITLES:
+      raise ValueError(f"ILMData items_as={self.items_as!r} writes no slot "
+                       "tokens: slot_id is undefined")
     return ilm_tasks.slot_token_id(self.vocabulary)
+
+  @property
+  def prompt(self) -> str:
+    """'item:' for the item tasks, else 'history:'."""
+    return (ilm_tasks.ITEM_PROMPT if self.task in ilm_tasks.ITEM_TASKS
+            else ilm_tasks.HISTORY_PROMPT)
 
   def _longest_input(self) -> str:
     """The inputs of the most slot items, before any critique text."""
-    if self.task == ilm_tasks.ITEM_TO_TITLE:
+    if self.task in ilm_tasks.ITEM_TASKS:
       return f"{ilm_tasks.ITEM_PROMPT} " + ilm_tasks.slot_text(
           1, self.tokens_per_item)
     critique = "" if self.task == ilm_tasks.CRITIQUE_NEXT_TITLE else None
     return ilm_tasks.history_inputs(self.max_history, self.tokens_per_item,
                                     critique)
 
+  def _check_title_len(self, vocabulary: seqio.Vocabulary) -> None:
+    """Fails when the prompt + the longest title + EOS cannot fit."""
+    titles = item_texts.texts_by_index(self.data_dir, (item_texts.TITLE,))
+    ids = [i for i, t in enumerate(titles) if t]
+    if not ids:
+      return
+    lengths = [len(vocabulary.encode(f"{self.prompt} {titles[i]}"))
+               for i in ids]
+    k = int(np.argmax(lengths))
+    need = lengths[k] + 1
+    if need > self.max_input_len:
+      title_len = len(vocabulary.encode(titles[ids[k]]))
+      raise ValueError(
+          f"ILMData max_input_len={self.max_input_len}: items_as='titles' "
+          f"writes whole titles; the longest (item {ids[k]}) is {title_len} "
+          f"tokens, {need} with the prompt {self.prompt!r} and EOS; raise "
+          "max_input_len (older titles past it are cut, never the newest)")
+
   def _check_input_len(self) -> None:
     """Fails when the longest input's slots (and prompt) + EOS cannot fit
-    in max_input_len; skipped while the vocabulary does not exist yet."""
+    in max_input_len (with titles: the prompt and the longest title);
+    skipped while the vocabulary does not exist yet."""
     try:
       vocabulary = self.vocabulary
     except FileNotFoundError:
+      return
+    if self.items_as == ilm_tasks.TITLES:
+      self._check_title_len(vocabulary)
       return
     need = len(vocabulary.encode(self._longest_input())) + 1
     if need > self.max_input_len:
@@ -420,6 +505,14 @@ class ILMData(text_data.TextData):
   def _where(self, split: str) -> str:
     return f"{self.data_dir} (ILM task {self.task_name}, {split})"
 
+  def _batch_check(self) -> Callable[..., None]:
+    """The host check of every batch: `check_slots` or `check_title_rows`.
+    """
+    if self.items_as == ilm_tasks.TITLES:
+      return check_title_rows
+    return functools.partial(check_slots, slot_id=self.slot_id,
+                             tokens_per_item=self.tokens_per_item)
+
   def train_batches(self, start_step: int, local_batch_size: int
                     ) -> Iterator[Dict[str, np.ndarray]]:
     """This process's train batches for steps start_step, ... (checked).
@@ -430,14 +523,13 @@ class ILMData(text_data.TextData):
     start, rows = int(start_step), int(local_batch_size)
     return _checked(
         super().train_batches(start_step, local_batch_size),
-        slot_id=self.slot_id, tokens_per_item=self.tokens_per_item,
+        check=self._batch_check(),
         where=lambda k: self._where(f"train, step {start + k}"),
         first_example=start * rows, rows=rows)
 
   def _eval_stream(self, split: str, local: int
                    ) -> Iterator[Dict[str, np.ndarray]]:
     return _checked(super()._eval_stream(split, local),
-                    slot_id=self.slot_id,
-                    tokens_per_item=self.tokens_per_item,
+                    check=self._batch_check(),
                     where=lambda k: self._where(f"{split}, batch {k}"),
                     first_example=0, rows=local)
