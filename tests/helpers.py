@@ -408,3 +408,37 @@ def write_item_text_cache(path: str, pooled: np.ndarray,
   writer.write_chunk(0, {"mask": np.ones((n, 2), bool),
                          "token_ids": np.ones((n, 2), np.int32),
                          "pooled": pooled})
+
+
+def save_random_t5(data_dir: str, out_dir: str):
+  """A tiny random T5 (d_model 16, 1 + 1 layers) saved as a params-only
+  checkpoint (`params/`), the form an imported T5 takes: the LM that ILM's
+  phase 2 and LANCER freeze. (Training one first,
+  gin/experiments/synthetic_ilm_lm.gin, is the README's path; here it would
+  only cost time.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from recsys_jax.model_lib import builders  # pylint: disable=g-import-not-at-top
+  model = builders.t5(data_dir=data_dir, d_model=16, num_heads=2, d_kv=8,
+                      d_ff=32, num_encoder_layers=1, num_decoder_layers=1)
+  params = nn.meta.unbox(
+      model.get_initial_variables(jax.random.PRNGKey(1))["params"])
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+  ckptr.wait_until_finished()
+
+
+# builders.t5 sizes of `save_random_t5`'s LM (d_model is the experiment's
+# D_MODEL macro where it has one).
+TINY_T5_FLAGS = ["--gin.builders.t5.num_heads=2", "--gin.builders.t5.d_kv=8",
+                 "--gin.builders.t5.d_ff=32",
+                 "--gin.builders.t5.num_encoder_layers=1",
+                 "--gin.builders.t5.num_decoder_layers=1"]
+
+
+def source_params(path: str) -> Dict[str, np.ndarray]:
+  """A run's (or params-only checkpoint's) parameters, '/'-joined names ->
+  arrays, as `init_from` reads them."""
+  from recsys_jax.core import init_from  # pylint: disable=g-import-not-at-top
+  return init_from.load_source(init_from.InitFrom(path=path))[1]

@@ -34,13 +34,6 @@ def _run(module, args):
   return helpers.run_entry(module, args)
 
 
-def _t5_flags():
-  return ["--gin.builders.t5.num_heads=2", "--gin.builders.t5.d_kv=8",
-          "--gin.builders.t5.d_ff=32",
-          "--gin.builders.t5.num_encoder_layers=1",
-          "--gin.builders.t5.num_decoder_layers=1"]
-
-
 def _qformer_flags():
   return ["--gin.builders.qformer_config.hidden=16",
           "--gin.builders.qformer_config.num_layers=1",
@@ -70,7 +63,7 @@ class ILMRun:
   def phase2_flags(self, gin_file="synthetic_ilm_phase2.gin",
                    model_dir=None):
     return ([f"--gin_file=gin/experiments/{gin_file}"]
-            + self.common(model_dir or self.phase2) + _t5_flags()
+            + self.common(model_dir or self.phase2) + helpers.TINY_T5_FLAGS
             + ["--gin.D_MODEL=16"]
             + _qformer_flags() + [
                 f"--gin.LM_DIR='{self.lm}'",
@@ -100,7 +93,7 @@ def ilm_run(tmp_path_factory):
       max_text_len=8, dtype="float32", log=lambda _: None,
       random_encoder={"hidden_size": 16, "num_hidden_layers": 1,
                       "num_attention_heads": 2, "intermediate_size": 32})
-  _save_random_lm(run.data_dir, run.lm)
+  helpers.save_random_t5(run.data_dir, run.lm)
   _run("recsys_jax.train", [
       "--gin_file=gin/experiments/synthetic_ilm_phase1.gin"]
        + run.common(run.phase1) + _qformer_flags()).check()
@@ -108,36 +101,13 @@ def ilm_run(tmp_path_factory):
   return run
 
 
-def _save_random_lm(data_dir, out_dir):
-  """A tiny random T5 saved as a params-only checkpoint (`params/`), the
-  form an imported T5 takes: the LM phase 2 freezes. (Training one first,
-  gin/experiments/synthetic_ilm_lm.gin, is the README's path; here it would
-  only cost time.)"""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from recsys_jax.model_lib import builders  # pylint: disable=g-import-not-at-top
-  model = builders.t5(data_dir=data_dir, d_model=16, num_heads=2, d_kv=8,
-                      d_ff=32, num_encoder_layers=1, num_decoder_layers=1)
-  params = nn.meta.unbox(
-      model.get_initial_variables(jax.random.PRNGKey(1))["params"])
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(out_dir, "params"), params, force=True)
-  ckptr.wait_until_finished()
-
-
-def _params(path):
-  from recsys_jax.core import init_from  # pylint: disable=g-import-not-at-top
-  return init_from.load_source(init_from.InitFrom(path=path))[1]
-
-
 def test_phase2_freezes_the_lm_and_starts_from_phase1(ilm_run):
   out = ilm_run.phase2_out.stdout
   assert f"from {os.path.abspath(ilm_run.lm)}" in out or ilm_run.lm in out
   assert out.count("Initialised ") == 2, out[-3000:]
-  lm = _params(ilm_run.lm)
-  p1 = _params(ilm_run.phase1)
-  p2 = _params(ilm_run.phase2)
+  lm = helpers.source_params(ilm_run.lm)
+  p1 = helpers.source_params(ilm_run.phase1)
+  p2 = helpers.source_params(ilm_run.phase2)
   lm_keys = [k for k in p2 if k.split("/")[0] in LM_PATTERN]
   assert lm_keys and set(lm_keys) == {k for k in lm if k in p2}
   for k in lm_keys:  # the frozen LM: bit-identical after phase 2
@@ -194,7 +164,7 @@ def test_collm_baseline_runs_through_the_same_path(ilm_run):
           "--gin.builders.item_soft_tokens.mlp_dim=16",
           "--gin.EVAL_EVERY=None"]).check()
   assert res.stdout.count("Initialised ") == 1
-  p = _params(model_dir)
+  p = helpers.source_params(model_dir)
   assert "soft_tokens/cf_proj/kernel" in p and not any(
       "qformer" in k for k in p)
 

@@ -89,7 +89,8 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
        z_loss: float = 0.0, max_decode_len: int = 32, num_beams: int = 1,
        alpha: float = 0.6, soft_token_module=None,
        soft_token_inputs=None, soft_token_mode: str = "prefix",
-       slot_id=None) -> encoder_decoder.EncoderDecoderModel:
+       slot_id=None, prefix_module=None,
+       prefix_inputs=None) -> encoder_decoder.EncoderDecoderModel:
   """A T5 encoder-decoder wrapper over the dataset's text vocabulary.
 
   The vocabulary is the dataset's SentencePiece model plus `extra_ids`
@@ -105,6 +106,11 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
     vocab_multiple: round the embedding rows up to a multiple of this.
     slot_id: the slot token of soft_token_mode='slots': an id, or a
       sentinel's name such as '<extra_id_99>' (ILM's item slots).
+    prefix_module: per-layer prefix keys/values (prefix tuning): a Flax
+      module, or a builder called with the `T5Config` built here, so that
+      the layer and head sizes are never repeated (gin:
+      `builders.t5.prefix_module = @builders.lancer_prefix`, uncalled).
+    prefix_inputs: the batch features it reads (`lancer_prefix_inputs`).
   """
   if int(vocab_multiple) < 1:
     raise ValueError(f"vocab_multiple={vocab_multiple}: expected >= 1")
@@ -122,11 +128,20 @@ def t5(*, data_dir: str, d_model: int = 512, num_heads: int = 8,
       relative_attention_max_distance=relative_attention_max_distance,
       dropout_rate=dropout_rate, feed_forward_proj=feed_forward_proj,
       tie_word_embeddings=tie_word_embeddings, dtype=dtype)
+  if prefix_module is not None:
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    if not isinstance(prefix_module, nn.Module):
+      if not callable(prefix_module):
+        raise ValueError(f"t5(prefix_module={prefix_module!r}): expected a "
+                         "Flax module or a builder taking the T5Config "
+                         "(gin: @builders.lancer_prefix, uncalled)")
+      prefix_module = prefix_module(config)
   return encoder_decoder.EncoderDecoderModel(
       config, vocabulary=vocabulary, soft_token_module=soft_token_module,
       soft_token_inputs=soft_token_inputs, soft_token_mode=soft_token_mode,
       slot_id=slot_id, label_smoothing=label_smoothing, z_loss=z_loss,
-      max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha)
+      max_decode_len=max_decode_len, num_beams=num_beams, alpha=alpha,
+      prefix_module=prefix_module, prefix_inputs=prefix_inputs)
 
 
 def item_soft_tokens(*, data_dir: str, d_model: int, sources: str = "fused",
@@ -180,6 +195,73 @@ def item_soft_token_inputs(*, max_history: int, next_item: bool = True):
   if next_item:
     spec["next_item"] = ((1,), "int32")
   return spec
+
+
+def lancer_prefix(t5_config, *, data_dir: Optional[str] = None,
+                  mode: str = "reasoning", prefix_length: int = 20,
+                  hidden: Optional[int] = None, history_window: int = 10,
+                  stacks: Sequence[str] = ("encoder", "decoder"),
+                  sources: str = "semantic", normalize: bool = True,
+                  dropout_rate: float = 0.2,
+                  reasoning_projection: str = "shared",
+                  cf: Optional[str] = None,
+                  item_text_cache: Optional[str] = None, cf_dim: int = 64,
+                  als_iterations: int = 10, seed: int = 0,
+                  dtype: Optional[str] = None):
+  """LANCER's knowledge / reasoning prompts (`models/lancer.LancerPrefix`),
+  sized for `t5_config` (`t5(prefix_module=...)` calls it with its config).
+
+  Args:
+    t5_config: the `T5Config` (heads, d_kv, layers; `hidden` and `dtype`
+      default to its d_model and dtype).
+    data_dir: the prepared dataset (its items size the tables); not read in
+      'knowledge' mode.
+    mode: 'knowledge' (stage 1), 'reasoning' or 'both' (stage 2).
+    sources: the reasoning prompt's item vectors, 'semantic' (the pooled
+      vectors of `item_text_cache`), 'cf' (`cf`: 'als' or an export's
+      item_embeddings.npy) or 'fused'; only those tables are loaded, and
+      none in 'knowledge' mode (cf and item_text_cache may be None there).
+    The rest: see `LancerConfig`.
+  """
+  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import lancer as lancer_lib  # pylint: disable=g-import-not-at-top
+  config = lancer_lib.LancerConfig.for_t5(
+      t5_config, hidden=hidden, prefix_length=prefix_length, mode=mode,
+      stacks=tuple(stacks) if not isinstance(stacks, str) else stacks,
+      history_window=history_window, sources=sources, normalize=normalize,
+      dropout_rate=dropout_rate, reasoning_projection=reasoning_projection,
+      **({} if dtype is None else {"dtype": dtype}))
+  if not config.reads_history:
+    return lancer_lib.LancerPrefix(config=config, tables=None)
+  needs = config.used_sources
+  if "semantic" in needs and not item_text_cache:
+    raise ValueError(f"lancer_prefix(mode={mode!r}, sources={sources!r}) "
+                     "needs item_text_cache (an embed_items cache of this "
+                     "dataset)")
+  if "cf" in needs and not cf:
+    raise ValueError(f"lancer_prefix(mode={mode!r}, sources={sources!r}) "
+                     "needs cf ('als' or an export's item_embeddings.npy)")
+  if not data_dir:
+    raise ValueError(f"lancer_prefix(mode={mode!r}) needs data_dir (the "
+                     "prepared dataset whose item tables it reads)")
+  tables = item_embeddings.load_item_tables(
+      data_dir, cf=cf if "cf" in needs else None,
+      item_text_cache=item_text_cache if "semantic" in needs else None,
+      cf_dim=cf_dim, als_iterations=als_iterations, seed=seed)
+  soft_lib.check_tables(config, tables)
+  model_base.enable_array_constants()  # tables: arguments, not HLO
+  return lancer_lib.LancerPrefix(config=config, tables=tables.device())
+
+
+def lancer_prefix_inputs(max_history: int):
+  """The batch feature `lancer_prefix` reads (`t5(prefix_inputs=)`):
+  `history_items` `[B, max_history]` int32."""
+  if (isinstance(max_history, bool) or not isinstance(
+      max_history, (int, np.integer)) or max_history < 1):
+    raise ValueError(f"lancer_prefix_inputs(max_history={max_history!r}): "
+                     "expected a positive integer")
+  return {"history_items": ((int(max_history),), "int32")}
 
 
 def qformer_config(*, data_dir: str, hidden: int = 128, num_layers: int = 2,

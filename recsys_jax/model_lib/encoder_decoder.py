@@ -131,6 +131,25 @@ def token_cross_entropy(logits: Array, targets: Array, *,
   return loss, nll, correct
 
 
+def _module_record(module: nn.Module) -> Dict[str, Any]:
+  """A soft-token or prefix module in the architecture record: its class,
+  its config (`architecture_record()` where defined: a config may leave out
+  fields added later at their defaults, so that checkpoints written before
+  them still restore) and the sizes (not paths) of its frozen tables."""
+  config = getattr(module, "config", None)
+  as_record = getattr(config, "architecture_record", None)
+  record = {"class": type(module).__name__,
+            "config": (as_record() if callable(as_record) else
+                       dataclasses.asdict(config)
+                       if dataclasses.is_dataclass(config) else None)}
+  identity = getattr(getattr(module, "tables", None), "identity", None)
+  if callable(identity):
+    facts = identity()
+    record["tables"] = {k: facts[k] for k in ("num_items", "cf_dim",
+                                              "semantic_dim") if k in facts}
+  return record
+
+
 class EncoderDecoderModel(base.BaseModel):
   """Training meaning of a T5 module (and optional soft-token module).
 
@@ -276,33 +295,12 @@ class EncoderDecoderModel(base.BaseModel):
               if k not in ("dropout_rate", "dtype")}
     record = {"module": type(self.module).__name__, **record}
     if self.soft_token_module is not None:
-      soft = self.soft_token_module
-      config = getattr(soft, "config", None)
-      # A config may leave out fields added later at their defaults, so
-      # that checkpoints written before them still restore.
-      as_record = getattr(config, "architecture_record", None)
-      record["soft_token_module"] = {
-          "class": type(soft).__name__,
-          "config": (as_record() if callable(as_record) else
-                     dataclasses.asdict(config)
-                     if dataclasses.is_dataclass(config) else None)}
-      identity = getattr(getattr(soft, "tables", None), "identity", None)
-      if callable(identity):  # frozen input tables: their sizes (not paths)
-        facts = identity()
-        record["soft_token_module"]["tables"] = {
-            k: facts[k] for k in ("num_items", "cf_dim", "semantic_dim")
-            if k in facts}
+      record["soft_token_module"] = _module_record(self.soft_token_module)
     if self.soft_token_module is not None or self.soft_token_mode != "prefix":
       record["soft_token_mode"] = self.soft_token_mode
       record["slot_id"] = self.slot_id
     if self.prefix_module is not None:
-      config = getattr(self.prefix_module, "config", None)
-      as_record = getattr(config, "architecture_record", None)
-      record["prefix_module"] = {
-          "class": type(self.prefix_module).__name__,
-          "config": (as_record() if callable(as_record) else
-                     dataclasses.asdict(config)
-                     if dataclasses.is_dataclass(config) else None)}
+      record["prefix_module"] = _module_record(self.prefix_module)
     return record
 
   def checkpoint_meta(self) -> Dict[str, Any]:
