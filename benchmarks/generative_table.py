@@ -56,6 +56,8 @@ def read_entry(path: str) -> Dict[str, Tuple[int, List[int]]]:
         raise bad_input.BadInputError(
             path, line_no, "neither top_k (ranking model) nor ranked_items "
             "(generative model with item mapping)")
+      if isinstance(target, list):  # [item] as some records write it
+        target = target[0] if len(target) == 1 else None
       if not target:
         continue
       out[str(user)] = (int(target), [int(i) for i in ranked])
