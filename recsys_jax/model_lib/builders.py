@@ -166,26 +166,44 @@ def item_soft_tokens(*, data_dir: str, d_model: int, sources: str = "fused",
   `adapter='mlp'`, `next_item=False` is CoLLM's MLP adapter in ILM's item
   slots (`ilm_slot_inputs`).
   """
-  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
   from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
   config = soft_lib.ItemSoftTokensConfig(
       d_model=d_model, sources=sources, adapter=adapter, mlp_dim=mlp_dim,
       tokens_per_item=tokens_per_item, normalize=normalize,
       dropout_rate=dropout_rate, next_item=next_item,
       items_feature=items_feature, dtype=dtype)
-  if sources in ("fused", "semantic") and not item_text_cache:
-    raise ValueError(f"item_soft_tokens(sources={sources!r}) needs "
-                     "item_text_cache (an embed_items cache of this dataset)")
-  if sources in ("fused", "cf") and not cf:
-    raise ValueError(f"item_soft_tokens(sources={sources!r}) needs cf "
-                     "('als' or an export's item_embeddings.npy)")
+  tables = _frozen_item_tables(
+      f"item_soft_tokens(sources={sources!r})", config, data_dir=data_dir,
+      cf=cf, item_text_cache=item_text_cache, cf_dim=cf_dim,
+      als_iterations=als_iterations, seed=seed)
+  return soft_lib.ItemSoftTokens(config=config, tables=tables)
+
+
+def _frozen_item_tables(what: str, config, *, data_dir: Optional[str],
+                        cf: Optional[str], item_text_cache: Optional[str],
+                        cf_dim: int, als_iterations: int, seed: int):
+  """The device tables of the sources `config.used_sources` reads (REGEN's
+  soft tokens, LANCER's reasoning prompt), the others neither loaded nor
+  fitted; a missing input is a one-line error starting with `what`."""
+  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
+  from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
+  needs = config.used_sources
+  if "semantic" in needs and not item_text_cache:
+    raise ValueError(f"{what} needs item_text_cache (an embed_items cache "
+                     "of this dataset)")
+  if "cf" in needs and not cf:
+    raise ValueError(f"{what} needs cf ('als' or an export's "
+                     "item_embeddings.npy)")
+  if not data_dir:
+    raise ValueError(f"{what} needs data_dir (the prepared dataset whose "
+                     "item tables it reads)")
   tables = item_embeddings.load_item_tables(
-      data_dir, cf=cf if sources != "semantic" else None,
-      item_text_cache=item_text_cache if sources != "cf" else None,
+      data_dir, cf=cf if "cf" in needs else None,
+      item_text_cache=item_text_cache if "semantic" in needs else None,
       cf_dim=cf_dim, als_iterations=als_iterations, seed=seed)
   soft_lib.check_tables(config, tables)
   model_base.enable_array_constants()  # tables: arguments, not HLO
-  return soft_lib.ItemSoftTokens(config=config, tables=tables.device())
+  return tables.device()
 
 
 def item_soft_token_inputs(*, max_history: int, next_item: bool = True):
@@ -223,8 +241,6 @@ def lancer_prefix(t5_config, *, data_dir: Optional[str] = None,
       none in 'knowledge' mode (cf and item_text_cache may be None there).
     The rest: see `LancerConfig`.
   """
-  from recsys_jax.model_lib import item_embeddings  # pylint: disable=g-import-not-at-top
-  from recsys_jax.models import item_soft_tokens as soft_lib  # pylint: disable=g-import-not-at-top
   from recsys_jax.models import lancer as lancer_lib  # pylint: disable=g-import-not-at-top
   config = lancer_lib.LancerConfig.for_t5(
       t5_config, hidden=hidden, prefix_length=prefix_length, mode=mode,
@@ -234,24 +250,11 @@ def lancer_prefix(t5_config, *, data_dir: Optional[str] = None,
       **({} if dtype is None else {"dtype": dtype}))
   if not config.reads_history:
     return lancer_lib.LancerPrefix(config=config, tables=None)
-  needs = config.used_sources
-  if "semantic" in needs and not item_text_cache:
-    raise ValueError(f"lancer_prefix(mode={mode!r}, sources={sources!r}) "
-                     "needs item_text_cache (an embed_items cache of this "
-                     "dataset)")
-  if "cf" in needs and not cf:
-    raise ValueError(f"lancer_prefix(mode={mode!r}, sources={sources!r}) "
-                     "needs cf ('als' or an export's item_embeddings.npy)")
-  if not data_dir:
-    raise ValueError(f"lancer_prefix(mode={mode!r}) needs data_dir (the "
-                     "prepared dataset whose item tables it reads)")
-  tables = item_embeddings.load_item_tables(
-      data_dir, cf=cf if "cf" in needs else None,
-      item_text_cache=item_text_cache if "semantic" in needs else None,
+  tables = _frozen_item_tables(
+      f"lancer_prefix(mode={mode!r}, sources={sources!r})", config,
+      data_dir=data_dir, cf=cf, item_text_cache=item_text_cache,
       cf_dim=cf_dim, als_iterations=als_iterations, seed=seed)
-  soft_lib.check_tables(config, tables)
-  model_base.enable_array_constants()  # tables: arguments, not HLO
-  return lancer_lib.LancerPrefix(config=config, tables=tables.device())
+  return lancer_lib.LancerPrefix(config=config, tables=tables)
 
 
 def lancer_prefix_inputs(max_history: int):
