@@ -1,5 +1,6 @@
 """models/qformer.py against hand-made masks, NumPy and BertEncoder."""
 
+import dataclasses
 import functools
 import math
 
@@ -208,6 +209,10 @@ def _np_qformer(p, cfg, memory, tokens, mode, memory_mask=None):
                                                 eps),
                                  (len(memory), n, cfg.hidden)))
     memory = np.asarray(memory, np.float64)
+    if cfg.memory_norm:
+      memory = _np_layer_norm(memory, p["memory_norm"], eps)
+    if cfg.memory_positions:
+      memory = memory + p["memory_position"][:memory.shape[1]]
   mask = None
   if tokens is not None:
     length = tokens.shape[1]
@@ -299,6 +304,39 @@ def test_mask_modes_separate_the_streams(model_params):
   memory2[1, 2] += 5.0
   assert not np.allclose(run(memory2, None)["queries"][1],
                          run(memory, None)["queries"][1])
+
+
+def test_memory_norm_and_positions_match_numpy():
+  cfg = dataclasses.replace(CFG, memory_norm=True, memory_positions=6)
+  model = qf.QFormer(cfg)
+  params = _random_params(_abstract(model, _memory()), 2)
+  assert params["memory_position"].shape == (6, cfg.memory_dim)
+  assert params["memory_norm"]["scale"].shape == (cfg.memory_dim,)
+  memory = _memory(3)
+  got = model.apply({"params": params}, memory, TOKENS,
+                    memory_mask=MEMORY_MASK, mask_mode="bidirectional",
+                    text_logits=True)
+  want = _np_qformer(params, cfg, memory, TOKENS, "bidirectional",
+                     MEMORY_MASK)
+  for key in ("queries", "text", "logits"):
+    np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=1e-5,
+                               err_msg=key)
+  # With positions, the memory is no longer an unordered set: swapping two
+  # chunks changes the queries (without them it cannot).
+  swapped = memory[:, [1, 0, 2, 3, 4]]
+  run = lambda m, c, p: qf.QFormer(c).apply({"params": p}, m)["queries"]
+  assert not np.allclose(run(swapped, cfg, params), run(memory, cfg, params),
+                         atol=1e-4)
+  plain = _random_params(_abstract(qf.QFormer(CFG), _memory()), 2)
+  np.testing.assert_allclose(run(swapped, CFG, plain), run(memory, CFG, plain),
+                             atol=1e-5)
+  # The norm makes the memory's scale irrelevant.
+  np.testing.assert_allclose(run(memory * 0.1, cfg, params),
+                             run(memory, cfg, params), atol=1e-3)
+  with pytest.raises(ValueError, match="memory_positions=6"):
+    model.apply({"params": params}, _memory(slots=7))
+  with pytest.raises(ValueError, match="memory_positions"):
+    dataclasses.replace(CFG, memory_positions=-1)
 
 
 def test_dropout_uses_the_rng(model_params):

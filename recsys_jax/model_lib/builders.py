@@ -273,6 +273,7 @@ def qformer_config(*, data_dir: str, hidden: int = 128, num_layers: int = 2,
                    memory_dim: int = 16, max_text_len: int = 64,
                    dropout_rate: float = 0.1,
                    attention_dropout_rate: float = 0.1,
+                   memory_norm: bool = False, memory_positions: int = 0,
                    extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS,
                    vocab_path: Optional[str] = None,
                    dtype: str = "float32"):
@@ -289,7 +290,8 @@ def qformer_config(*, data_dir: str, hidden: int = 128, num_layers: int = 2,
       num_heads=num_heads, mlp_dim=mlp_dim, num_queries=num_queries,
       cross_attention_every=cross_attention_every, memory_dim=memory_dim,
       max_text_len=max_text_len, dropout_rate=dropout_rate,
-      attention_dropout_rate=attention_dropout_rate, dtype=getattr(jnp, dtype))
+      attention_dropout_rate=attention_dropout_rate, memory_norm=memory_norm,
+      memory_positions=memory_positions, dtype=getattr(jnp, dtype))
 
 
 def ilm_cf_table(data_dir: str, cf: str, *, cf_dim: int = 64,

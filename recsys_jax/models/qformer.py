@@ -8,6 +8,7 @@ streams:
 
   queries = LN_emb(learned [N, hidden])                       [B, N, H]
   text    = LN_emb(word(tokens) + position + token_type[0])   [B, T, H]
+  memory  = LN_mem(memory) + memory_position[:M]   (each optional, config)
   per layer i, over x = [queries; text]:
     x = LN(x + SelfAttn(x, mask))        (mask: `attention_mask(mode, ...)`)
     q, t = x[:, :N], x[:, N:]
@@ -76,6 +77,14 @@ class QFormerConfig:
     dropout_rate: dropout of embeddings and residual branches.
     attention_dropout_rate: dropout on attention probabilities.
     layer_norm_eps: epsilon of every LayerNorm (BERT: 1e-12).
+    memory_norm: a LayerNorm over each memory position before any layer
+      reads it (BLIP-2's `ln_vision` on the image features). A CF table's
+      coordinates are small (a SASRec export's ~0.08) against the queries'
+      LayerNormed ~1, so unnormalised they reach the queries weakly.
+    memory_positions: learned embeddings of up to this many memory
+      positions, added after `memory_norm` (0: none). Without them the
+      chunks of a CF embedding are an unordered set to the cross-attention
+      (ViT features carry their positions; CF chunks do not).
     dtype: compute dtype (a jnp dtype or its name); params are float32.
   """
   vocab_size: int
@@ -90,6 +99,8 @@ class QFormerConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
+  memory_norm: bool = False
+  memory_positions: int = 0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -100,6 +111,12 @@ class QFormerConfig:
       if not _is_int(value) or value < 1:
         raise ValueError(f"QFormerConfig.{name}={value!r}: expected a "
                          "positive integer")
+    if not _is_int(self.memory_positions) or self.memory_positions < 0:
+      raise ValueError(f"QFormerConfig.memory_positions="
+                       f"{self.memory_positions!r}: expected an integer >= 0")
+    if not isinstance(self.memory_norm, bool):
+      raise ValueError(f"QFormerConfig.memory_norm={self.memory_norm!r}: "
+                       "expected True or False")
     if self.hidden % self.num_heads:
       raise ValueError(f"QFormerConfig.hidden={self.hidden} is not divisible "
                        f"by num_heads={self.num_heads}")
@@ -362,6 +379,14 @@ class QFormer(nn.Module):
     self.layer = [QFormerLayer(cfg, cfg.has_cross_attention(i))
                   for i in range(cfg.num_layers)]
     self.lm_head = LmHead(cfg)
+    if cfg.memory_norm:
+      self.memory_norm = _layer_norm(cfg)
+    if cfg.memory_positions:
+      # Unit scale, like the LayerNormed memory it is added to.
+      self.memory_position = self.param(
+          "memory_position", layers.logical(nn.initializers.normal(1.0),
+                                            (None, None)),
+          (cfg.memory_positions, cfg.memory_dim), jnp.float32)
 
   def __call__(self, memory: Optional[Array] = None,
                text_tokens: Optional[Array] = None, *,
@@ -410,6 +435,10 @@ class QFormer(nn.Module):
       if memory.ndim != 3 or memory.shape[-1] != cfg.memory_dim:
         raise ValueError(f"QFormer: memory shape {memory.shape}; expected "
                          f"[batch, M, memory_dim={cfg.memory_dim}]")
+      if cfg.memory_positions and memory.shape[1] > cfg.memory_positions:
+        raise ValueError(f"QFormer: memory has {memory.shape[1]} positions; "
+                         f"QFormerConfig.memory_positions="
+                         f"{cfg.memory_positions} embeds at most that many")
       if memory_mask is not None and memory_mask.shape != memory.shape[:2]:
         raise ValueError(f"QFormer: memory_mask shape {memory_mask.shape}; "
                          f"expected {memory.shape[:2]}")
@@ -428,6 +457,16 @@ class QFormer(nn.Module):
     elif text_logits:
       raise ValueError("QFormer: text_logits=True needs text_tokens")
 
+  def _memory(self, memory: Array) -> Array:
+    """`memory_norm` then the `memory_positions` embeddings (config)."""
+    cfg = self.config
+    if cfg.memory_norm:
+      memory = self.memory_norm(memory)
+    if cfg.memory_positions:
+      positions = self.memory_position[:memory.shape[1]]
+      memory = memory + positions.astype(memory.dtype)[None]
+    return memory
+
   def _forward(self, memory, text_tokens, memory_mask, mask_mode,
                deterministic, text_logits) -> Dict[str, Optional[Array]]:
     cfg = self.config
@@ -440,7 +479,7 @@ class QFormer(nn.Module):
                                  (memory.shape[0],) + self.queries.shape)
       parts.append(self.embeddings.queries(queries,
                                            deterministic=deterministic))
-      memory = memory.astype(dtype)
+      memory = self._memory(memory.astype(dtype))
     mask = None
     if text_tokens is not None:
       parts.append(self.embeddings.text(text_tokens,
