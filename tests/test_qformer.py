@@ -297,11 +297,13 @@ def test_mask_modes_separate_the_streams(model_params):
   # The text reads the queries in the causal mode, not in the unimodal one.
   assert not np.allclose(causal["text"], both["text"], atol=1e-3)
   # A masked memory position does not matter; an unmasked one does.
+  # (Not a constant shift: the default memory_norm removes those.)
   memory2 = memory.copy()
-  memory2[1, 1] += 5.0
+  bump = 5.0 * np.arange(memory.shape[-1])
+  memory2[1, 1] += bump
   np.testing.assert_allclose(run(memory2, None)["queries"],
                              run(memory, None)["queries"], atol=1e-6)
-  memory2[1, 2] += 5.0
+  memory2[1, 2] += bump
   assert not np.allclose(run(memory2, None)["queries"][1],
                          run(memory, None)["queries"][1])
 
@@ -335,6 +337,9 @@ def test_memory_norm_and_positions_match_numpy():
                              run(memory, cfg, params), atol=1e-3)
   with pytest.raises(ValueError, match="memory_positions=6"):
     model.apply({"params": params}, _memory(slots=7))
+  # The norm is on by default (BLIP-2's ln_vision); positions are opt-in.
+  default = qf.QFormerConfig(vocab_size=5)
+  assert default.memory_norm and default.memory_positions == 0
   with pytest.raises(ValueError, match="memory_positions"):
     dataclasses.replace(CFG, memory_positions=-1)
 

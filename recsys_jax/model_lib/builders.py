@@ -273,7 +273,7 @@ def qformer_config(*, data_dir: str, hidden: int = 128, num_layers: int = 2,
                    memory_dim: int = 16, max_text_len: int = 64,
                    dropout_rate: float = 0.1,
                    attention_dropout_rate: float = 0.1,
-                   memory_norm: bool = False, memory_positions: int = 0,
+                   memory_norm: bool = True, memory_positions: int = 0,
                    extra_ids: int = text_tasks.DEFAULT_EXTRA_IDS,
                    vocab_path: Optional[str] = None,
                    dtype: str = "float32"):

@@ -81,10 +81,14 @@ class QFormerConfig:
       reads it (BLIP-2's `ln_vision` on the image features). A CF table's
       coordinates are small (a SASRec export's ~0.08) against the queries'
       LayerNormed ~1, so unnormalised they reach the queries weakly.
+      On by default, as BLIP-2 always normalises its image features
+      (docs/ILM.md: off, phase 1 barely learned).
     memory_positions: learned embeddings of up to this many memory
       positions, added after `memory_norm` (0: none). Without them the
       chunks of a CF embedding are an unordered set to the cross-attention
-      (ViT features carry their positions; CF chunks do not).
+      (ViT features carry their positions; CF chunks do not). Set it to
+      the number of chunks (gin/models/qformer.gin: %CF_CHUNKS); the
+      default 0 keeps a memory of any length valid.
     dtype: compute dtype (a jnp dtype or its name); params are float32.
   """
   vocab_size: int
@@ -99,7 +103,7 @@ class QFormerConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
-  memory_norm: bool = False
+  memory_norm: bool = True
   memory_positions: int = 0
   dtype: Any = jnp.float32
 
